@@ -1,0 +1,169 @@
+"""The Prefect flow that runs the DVC pipeline, one Prefect task per DVC stage.
+
+The stage list and order come from DVC itself (the graph of ``dvc.yaml``), and
+each stage runs as ``dvc repro --single-item <stage>``: a flow run and
+``dvc repro`` share one cache, skip the same unchanged stages and leave the
+same ``dvc.lock``. Prefect adds logs, retries, a run history, artifacts (the
+test metrics) and schedules.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections import deque
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from tasks._files import LIVE_DIR, METRICS, MODEL_DIR, PREDICTIONS
+from tasks.params import load_params
+
+
+class StageFailed(RuntimeError):
+    """A DVC stage exited non-zero; the message carries its own last error line."""
+
+
+def stage_order(root: Path | str = ".") -> list[str]:
+    """The pipeline stages of the DVC project at ``root``, dependencies first.
+
+    Uses DVC's own planner over the ``dvc.yaml`` graph, so this order is the
+    one ``dvc repro`` would take. Data tracked by ``.dvc`` files has no command
+    and is left out.
+    """
+    from dvc.repo import Repo
+    from dvc.repo.reproduce import plan_repro
+
+    with Repo(str(root)) as repo:
+        return [stage.addressing for stage in plan_repro(repo.index.graph) if stage.cmd]
+
+
+def _stage_env() -> dict[str, str]:
+    """The environment for a stage: this interpreter's bin folder first on PATH.
+
+    dvc.yaml commands say ``python -m tasks.x``; without this a flow started
+    as ``.venv/bin/segflow`` from an unactivated shell would run the stages
+    with whatever ``python`` the shell finds.
+    """
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env
+
+
+def _failure_reason(stage: str, lines: deque[str], code: int) -> str:
+    """The most useful line of a failed stage's output: its own one-line error if it printed one."""
+    for prefix in ("segflow ", "ERROR"):
+        found = [line for line in lines if line.startswith(prefix)]
+        if found:
+            return f"stage '{stage}' failed: {found[-1]}"
+    return f"stage '{stage}' failed with exit code {code}: {lines[-1] if lines else 'no output'}"
+
+
+@task(name="dvc-stage", task_run_name="{stage}")
+def run_stage(stage: str, root: str, force: bool = False) -> dict:
+    """Run one DVC stage (``dvc repro --single-item``), streaming its output into the run's log.
+
+    Returns:
+        ``{"stage", "status": "ran" | "skipped", "seconds"}``.
+
+    Raises:
+        StageFailed: the stage (or DVC) exited non-zero.
+    """
+    logger = get_run_logger()
+    cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
+    if force:
+        cmd.append("--force")
+    started = time.perf_counter()
+    ran = False
+    tail: deque[str] = deque(maxlen=40)
+    with subprocess.Popen(
+        cmd, cwd=root, env=_stage_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    ) as proc:
+        try:
+            for raw in proc.stdout:
+                line = raw.rstrip()
+                if not line:
+                    continue
+                tail.append(line)
+                ran = ran or line.startswith("Running stage")
+                logger.info("%s", line)
+            code = proc.wait()
+        except BaseException:
+            # Cancelled or interrupted: stop the stage too; DVC then leaves no
+            # lock entry for it, so the next run redoes it.
+            proc.terminate()
+            proc.wait(timeout=30)
+            raise
+    if code != 0:
+        raise StageFailed(_failure_reason(stage, tail, code))
+    result = {"stage": stage, "status": "ran" if ran else "skipped", "seconds": round(time.perf_counter() - started, 1)}
+    logger.info("stage %s %s in %.1fs", stage, result["status"], result["seconds"])
+    return result
+
+
+def collect_outputs(root: Path) -> dict:
+    """Where the pipeline's results are, and the headline test metrics if evaluate has run."""
+    params = load_params(root / "params.yaml")
+    paths = params.paths
+    outputs = {
+        "metrics": str(paths.evaluate / METRICS),
+        "training_metrics": str(paths.train / LIVE_DIR / "metrics.json"),
+        "predictions": str(paths.evaluate / PREDICTIONS),
+        "model": str(paths.train / MODEL_DIR),
+    }
+    metrics_file = root / paths.evaluate / METRICS
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else None
+    return {"outputs": outputs, "metrics": metrics}
+
+
+def _publish(stages: list[dict], outputs: dict) -> None:
+    """Show the run's stages and test metrics as Prefect artifacts (dashboard, Artifacts tab)."""
+    metrics = outputs["metrics"]
+    lines = ["# segflow pipeline", "", "| stage | status | seconds |", "|---|---|---|"]
+    lines += [f"| {s['stage']} | {s['status']} | {s['seconds']} |" for s in stages]
+    if metrics:
+        iou, dice = metrics["iou"], metrics["dice"]
+        lines += [
+            "",
+            f"**Test IoU (macro)** {iou['macro']:.4f} · **Dice (macro)** {dice['macro']:.4f} "
+            f"on {metrics['images']} images",
+            "",
+            f"Reduction: {metrics['reduction']}",
+        ]
+        create_table_artifact(
+            key="segflow-test-metrics",
+            table=[
+                {"class": name, "iou": iou["per_class"][name], "dice": dice["per_class"][name]}
+                for name in iou["per_class"]
+            ],
+            description="Per-class IoU and Dice on the test split (pixel counts summed over images).",
+        )
+    lines += ["", *[f"- {name}: `{path}`" for name, path in outputs["outputs"].items()]]
+    create_markdown_artifact(key="segflow-pipeline-summary", markdown="\n".join(lines), description="segflow run")
+
+
+@flow(name="segflow-pipeline")
+def pipeline(root: str = ".", force: bool = False, retries: int = 0) -> dict:
+    """Run every DVC stage of the project at ``root`` in dependency order.
+
+    Args:
+        root: the DVC project (the folder holding dvc.yaml and params.yaml).
+        force: rerun stages even when DVC sees no change (``dvc repro --force``).
+        retries: Prefect retries per stage (for flaky infrastructure, not bad data).
+
+    Returns:
+        ``{"stages": [...], "outputs": {...}, "metrics": {...} | None}``.
+    """
+    logger = get_run_logger()
+    root_path = Path(root).resolve()
+    order = stage_order(root_path)
+    logger.info("stages from dvc.yaml: %s", " -> ".join(order))
+    stage_task = run_stage.with_options(retries=retries, retry_delay_seconds=10)
+    stages = [stage_task(stage, str(root_path), force) for stage in order]
+    summary = {"stages": stages, **collect_outputs(root_path)}
+    _publish(stages, summary)
+    return summary

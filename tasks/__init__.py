@@ -1,0 +1,1 @@
+"""segflow pipeline stages: one module per dvc.yaml stage (python -m tasks.<stage>)."""

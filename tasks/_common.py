@@ -1,0 +1,117 @@
+"""Helpers every stage shares: the user-facing error, atomic writes, PNG I/O, entry point."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+
+class SegflowError(Exception):
+    """An expected failure a user can act on; its message is one line naming the file and the fix."""
+
+
+@contextlib.contextmanager
+def atomic_path(final: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of ``final``; rename it onto ``final`` only on success.
+
+    A crash or kill mid-write leaves a hidden ``.<name>.tmp-*`` file or folder,
+    never a half-written ``final`` that looks valid. Works for files and folders.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    # mkdtemp gives a folder; a caller writing a file gets the same unique name, free.
+    tmp.rmdir()
+    try:
+        yield tmp
+        if final.is_dir() and not final.is_symlink():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Like :func:`atomic_path`, with the temporary folder already created."""
+    with atomic_path(final) as tmp:
+        tmp.mkdir()
+        yield tmp
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a text file atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_png(path: Path, array: np.ndarray) -> None:
+    """Write ``(H, W)`` or ``(H, W, 3)`` uint8 as PNG (lossless, so masks stay exact)."""
+    if array.dtype != np.uint8:
+        raise TypeError(f"write_png wants uint8, got {array.dtype}")
+    Image.fromarray(array).save(path, format="PNG")
+
+
+def read_image(path: Path) -> np.ndarray:
+    """Read an image as RGB.
+
+    Returns:
+        (H, W, 3) uint8.
+    """
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB"))
+    except (OSError, ValueError) as error:
+        raise SegflowError(f"{path}: cannot read image ({error}); replace or remove the file") from None
+
+
+def read_mask(path: Path) -> np.ndarray:
+    """Read a class-index mask (one channel, values are class ids).
+
+    Returns:
+        (H, W) uint8.
+    """
+    try:
+        with Image.open(path) as img:
+            if img.mode not in ("L", "P", "I", "I;16"):
+                raise SegflowError(f"{path}: mask has mode {img.mode}, expected one channel of class ids (mode L)")
+            mask = np.asarray(img)
+    except OSError as error:
+        raise SegflowError(f"{path}: cannot read mask ({error}); replace or remove the file") from None
+    if mask.dtype != np.uint8:
+        if mask.max(initial=0) > 255:
+            raise SegflowError(f"{path}: mask values go up to {mask.max()}, class ids must be < 255")
+        mask = mask.astype(np.uint8)
+    return mask
+
+
+def stage_main(run: Callable, name: str) -> None:
+    """Entry point of ``python -m tasks.<name>``: load params.yaml, call ``run``.
+
+    Expected failures (:class:`SegflowError`) print one line and exit with status 2;
+    anything else keeps its traceback.
+    """
+    from tasks.params import load_params
+
+    logging.basicConfig(level=logging.INFO, format=f"[{name}] %(levelname)s %(message)s")
+    try:
+        params = load_params()
+        run(params, params.paths)
+    except SegflowError as error:
+        print(f"segflow {name}: error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,65 @@
+"""The files stages hand to each other: their names and their readers.
+
+Kept apart from the stage modules so that a stage depends (in dvc.yaml and in
+Python) on this small module rather than on another stage's code.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import albumentations as A
+import pandas as pd
+
+from tasks._common import SegflowError
+
+# ${paths.ingest}/
+MANIFEST = "manifest.csv"
+IMAGES = "images"
+MASKS = "masks"
+# ${paths.augment}/
+TRAIN_PIPELINE = "train.json"
+EVAL_PIPELINE = "eval.json"
+AUGMENT_PREVIEW = "preview.png"
+# ${paths.train}/
+MODEL_DIR = "model"
+LIVE_DIR = "live"
+# ${paths.evaluate}/
+METRICS = "metrics.json"
+PER_CLASS = "per_class.csv"
+PER_IMAGE = "per_image.csv"
+PREDICTIONS = "predictions.png"
+
+
+def read_manifest(ingest_dir: Path) -> pd.DataFrame:
+    """Read the manifest ingest wrote.
+
+    Raises:
+        SegflowError: it is missing (ingest has not run).
+    """
+    path = Path(ingest_dir) / MANIFEST
+    if not path.is_file():
+        raise SegflowError(f"{path}: not found; run the ingest stage first (dvc repro ingest)")
+    return pd.read_csv(path, dtype={"id": str, "split": str})
+
+
+def load_transform(path: Path, seed: int | None = None) -> A.Compose:
+    """Load a pipeline the augment stage saved; ``A.save`` drops the seed, so set it again.
+
+    Raises:
+        SegflowError: the file is missing or is not an albumentations pipeline.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SegflowError(f"{path}: not found; run the augment stage first (dvc repro augment)")
+    try:
+        with warnings.catch_warnings():
+            # albumentations 2.0 writes PadIfNeeded's derived `padding` into the file and then warns about it on load.
+            warnings.filterwarnings("ignore", message=r"Argument\(s\) 'padding' are not valid", category=UserWarning)
+            transform = A.load(str(path))
+    except (ValueError, KeyError, TypeError) as error:
+        raise SegflowError(f"{path}: not an albumentations pipeline ({error}); rerun dvc repro augment") from None
+    if seed is not None:
+        transform.set_random_seed(seed)
+    return transform

@@ -1,0 +1,213 @@
+"""Build, save and load segmentation models.
+
+A saved model is a folder: ``model.safetensors`` (weights, no pickle),
+``model.json`` (the card: everything needed to rebuild and use the model) and
+``preprocess.json`` (the evaluation pipeline, saved with ``A.save``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Literal
+
+import segmentation_models_pytorch as smp
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from tasks._common import SegflowError, atomic_dir
+from tasks.params import IGNORE_INDEX, Arch, TrainParams
+
+log = logging.getLogger(__name__)
+
+WEIGHTS = "model.safetensors"
+CARD = "model.json"
+PREPROCESS = "preprocess.json"
+CARD_FORMAT = "segflow-model/1"
+
+
+class ModelCard(BaseModel):
+    """What a saved model is and how to feed it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format: Literal["segflow-model/1"] = CARD_FORMAT
+    arch: Arch
+    encoder: str
+    encoder_depth: int
+    decoder_channels: list[int] | None = None
+    in_channels: int = 3
+    classes: list[str]
+    #: Images are RGB uint8, scaled to 0-1, then normalised with mean/std.
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    #: Height and width must divide by this; pad (bottom/right) first, crop predictions back.
+    pad_divisor: int
+    #: The square crop size training saw.
+    train_size: int
+    ignore_index: int = IGNORE_INDEX
+    weights: str = WEIGHTS
+    preprocess: str = PREPROCESS
+    #: Provenance: seed, epochs, best epoch and its validation score, ...
+    training: dict = {}
+
+
+def _weights_error(name: str) -> SegflowError:
+    return SegflowError(
+        f"train.encoder_weights='{name}' is neither a local file nor available offline (pretrained weights come "
+        "from the Hugging Face hub, which this machine cannot reach); download the weights file elsewhere and "
+        "set train.encoder_weights to its path, or set it to null for random initialisation"
+    )
+
+
+def create(
+    arch: str,
+    encoder: str,
+    encoder_depth: int,
+    decoder_channels: list[int] | None,
+    num_classes: int,
+    hub_weights: str | None = None,
+):
+    """``smp.create_model``, its failures turned into one-line errors.
+
+    Args:
+        hub_weights: a pretrained-weights name smp fetches from the model hub
+            ("imagenet"); None for random initialisation.
+
+    Returns:
+        torch.nn.Module mapping (N, 3, H, W) float32 to logits (N, num_classes, H, W).
+    """
+    kwargs = {"encoder_depth": encoder_depth}
+    if decoder_channels is not None:
+        # Several archs take **kwargs and would silently ignore an option they do not have.
+        accepted = inspect.signature(smp.MODEL_ARCHITECTURES_MAPPING[arch.lower()].__init__).parameters
+        if "decoder_channels" not in accepted:
+            raise SegflowError(f"train.decoder_channels: arch {arch} has no such option; set it to null")
+        kwargs["decoder_channels"] = decoder_channels
+    try:
+        return smp.create_model(arch, encoder_name=encoder, encoder_weights=hub_weights, classes=num_classes, **kwargs)
+    except KeyError as error:
+        if hub_weights is not None and "weights" in str(error).lower():
+            raise _weights_error(hub_weights) from None
+        if "encoder" not in str(error).lower():
+            raise
+        close = difflib.get_close_matches(encoder, smp.encoders.get_encoder_names(), n=3)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise SegflowError(
+            f"train.encoder: unknown encoder '{encoder}'; {hint}"
+            "see segmentation_models_pytorch.encoders.get_encoder_names(), or use 'tu-<timm model name>'"
+        ) from None
+    except RuntimeError as error:
+        if "Unknown model" not in str(error):
+            raise
+        raise SegflowError(f"train.encoder: timm has no model '{encoder.removeprefix('tu-')}' ({error})") from None
+    except (ValueError, AssertionError, TypeError) as error:
+        raise SegflowError(f"train: cannot build {arch} with encoder {encoder}: {error}") from None
+    except OSError:  # huggingface_hub's offline / not-found / connection errors all derive from OSError
+        if hub_weights is None:
+            raise
+        raise _weights_error(hub_weights) from None
+
+
+def load_encoder_weights(model: torch.nn.Module, source: str) -> None:
+    """Load local pretrained weights into ``model.encoder`` (or the whole model).
+
+    Accepts a safetensors file or a ``torch.save`` state dict (read with
+    ``weights_only=True``), keyed either for the encoder alone or for a whole
+    smp model (``encoder.*`` keys).
+
+    Raises:
+        SegflowError: the file is missing, unreadable, or matches no encoder key.
+    """
+    path = Path(source).expanduser()
+    try:
+        if path.suffix == ".safetensors":
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = state.get("state_dict", state) if isinstance(state, dict) else state
+    except (OSError, RuntimeError, SafetensorError, ValueError) as error:
+        raise SegflowError(f"{path}: cannot read weights ({error}); give a .safetensors or .pth state dict") from None
+    if not isinstance(state, dict):
+        raise SegflowError(f"{path}: holds a {type(state).__name__}, not a state dict of tensors")
+    if any(k.startswith("encoder.") for k in state):
+        state = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
+    own = model.encoder.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not usable:
+        raise SegflowError(
+            f"{path}: none of its {len(state)} tensors fit encoder '{type(model.encoder).__name__}'; "
+            "is it the weights of the same train.encoder?"
+        )
+    model.encoder.load_state_dict(usable, strict=False)
+    log.info("loaded %d of %d encoder tensors from %s", len(usable), len(own), path)
+
+
+def build(params: TrainParams, num_classes: int) -> torch.nn.Module:
+    """The model ``params`` describe: random init, local weights, or a hub name smp knows.
+
+    A hub name only works where the hub is reachable or its files are already
+    cached (``HF_HUB_OFFLINE=1`` makes an offline machine fail at once instead of waiting).
+    """
+    weights = params.encoder_weights
+    local = weights is not None and Path(weights).expanduser().is_file()
+    looks_like_path = weights is not None and (
+        "/" in weights or Path(weights).suffix in (".pth", ".pt", ".safetensors")
+    )
+    if weights is not None and not local and looks_like_path:
+        raise SegflowError(f"train.encoder_weights: {weights} does not exist; fix the path or set it to null")
+    model = create(
+        params.arch,
+        params.encoder,
+        params.encoder_depth,
+        params.decoder_channels,
+        num_classes,
+        hub_weights=None if local else weights,
+    )
+    if local:
+        load_encoder_weights(model, weights)
+    return model
+
+
+def save(model: torch.nn.Module, card: ModelCard, preprocess: Path, out: Path) -> None:
+    """Write weights, card and preprocessing into ``out`` atomically (all or nothing)."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_dir(out) as tmp:
+        save_file(state, tmp / card.weights, metadata={"format": "pt", "card": CARD_FORMAT})
+        shutil.copyfile(preprocess, tmp / card.preprocess)
+        (tmp / CARD).write_text(card.model_dump_json(indent=2) + "\n", encoding="utf-8")
+
+
+def read_card(model_dir: Path) -> ModelCard:
+    """Read and check ``model.json``.
+
+    Raises:
+        SegflowError: missing or not a segflow model card.
+    """
+    path = Path(model_dir) / CARD
+    if not path.is_file():
+        raise SegflowError(f"{path}: not found; train a model first (dvc repro train)")
+    try:
+        return ModelCard.model_validate(json.loads(path.read_text(encoding="utf-8")))
+    except (json.JSONDecodeError, ValidationError) as error:
+        detail = " ".join(str(error).split())
+        raise SegflowError(f"{path}: not a {CARD_FORMAT} card ({detail})") from None
+
+
+def load(model_dir: Path) -> tuple[torch.nn.Module, ModelCard]:
+    """Rebuild a saved model with its weights, in eval mode on the CPU."""
+    card = read_card(model_dir)
+    model = create(card.arch, card.encoder, card.encoder_depth, card.decoder_channels, len(card.classes))
+    weights = Path(model_dir) / card.weights
+    try:
+        model.load_state_dict(load_file(weights), strict=True)
+    except (OSError, SafetensorError, RuntimeError) as error:
+        detail = " ".join(str(error).split())[:300]
+        raise SegflowError(f"{weights}: does not match {Path(model_dir) / CARD} ({detail}); retrain") from None
+    return model.eval(), card

@@ -1,0 +1,142 @@
+"""Stage ``augment``: the albumentations pipelines for training and evaluation.
+
+Builds both ``Compose`` pipelines from params and saves them with ``A.save`` to
+``${paths.augment}/train.json`` and ``eval.json``; training and evaluation load
+exactly these files, so what DVC versions is what ran. Also renders
+``preview.png``: training samples after augmentation, with their masks, as the
+model will see them.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import albumentations as A
+import cv2
+import numpy as np
+
+from tasks import _viz
+from tasks._common import atomic_path, read_image, read_mask, stage_main, write_png
+from tasks._files import AUGMENT_PREVIEW, EVAL_PIPELINE, TRAIN_PIPELINE, load_transform, read_manifest
+from tasks.params import IGNORE_INDEX, AugmentParams, Params, Paths
+
+log = logging.getLogger(__name__)
+
+
+def build_train_transform(params: AugmentParams, seed: int) -> A.Compose:
+    """Random crops, flips, small affine warps, photometric jitter, then normalisation.
+
+    Geometric transforms move image and mask together; anything they pad is
+    labelled ``IGNORE_INDEX`` so it counts towards no class.
+    """
+    size = params.crop_size
+    pad = {"border_mode": cv2.BORDER_CONSTANT, "fill": 0, "fill_mask": IGNORE_INDEX}
+    return A.Compose(
+        [
+            A.PadIfNeeded(min_height=size, min_width=size, **pad),
+            A.RandomCrop(height=size, width=size),
+            A.HorizontalFlip(p=params.hflip),
+            A.VerticalFlip(p=params.vflip),
+            A.RandomRotate90(p=params.rotate90),
+            A.Affine(scale=(0.85, 1.15), rotate=(-20, 20), translate_percent=(-0.05, 0.05), p=params.affine, **pad),
+            A.RandomBrightnessContrast(
+                brightness_limit=params.brightness_limit,
+                contrast_limit=params.contrast_limit,
+                p=params.brightness_contrast,
+            ),
+            A.GaussNoise(std_range=(0.02, 0.06), p=params.gauss_noise),
+            A.Normalize(mean=params.normalize.mean, std=params.normalize.std),
+        ],
+        seed=seed,
+    )
+
+
+def build_eval_transform(params: AugmentParams) -> A.Compose:
+    """Deterministic: pad bottom/right to a multiple of the model stride, normalise.
+
+    Padding sits at the bottom-right so predictions crop back with ``[:H, :W]``.
+    """
+    return A.Compose(
+        [
+            A.PadIfNeeded(
+                min_height=None,
+                min_width=None,
+                pad_height_divisor=params.pad_divisor,
+                pad_width_divisor=params.pad_divisor,
+                position="top_left",
+                border_mode=cv2.BORDER_CONSTANT,
+                fill=0,
+                fill_mask=IGNORE_INDEX,
+            ),
+            A.Normalize(mean=params.normalize.mean, std=params.normalize.std),
+        ]
+    )
+
+
+def denormalize(image: np.ndarray, params: AugmentParams) -> np.ndarray:
+    """Undo ``Normalize`` for display.
+
+    Args:
+        image: (H, W, 3) float32, normalised.
+
+    Returns:
+        (H, W, 3) uint8.
+    """
+    mean = np.asarray(params.normalize.mean, dtype=np.float32)
+    std = np.asarray(params.normalize.std, dtype=np.float32)
+    return (np.clip(image * std + mean, 0, 1) * 255).round().astype(np.uint8)
+
+
+def render_preview(
+    samples: list[tuple[np.ndarray, np.ndarray]], transform: A.Compose, params: AugmentParams, classes: list[str]
+) -> np.ndarray:
+    """Show each sample before and after augmentation, each with its mask.
+
+    Args:
+        samples: (image (H, W, 3) uint8, mask (H, W) uint8) pairs.
+
+    Returns:
+        (H', W', 3) uint8 picture.
+    """
+    rows = []
+    crop = params.crop_size
+    original = A.Compose([A.PadIfNeeded(crop, crop, border_mode=cv2.BORDER_CONSTANT), A.CenterCrop(crop, crop)])
+    for image, mask in samples:
+        before = original(image=image, mask=mask)
+        after = transform(image=image, mask=mask)
+        rows.append(
+            [
+                before["image"],
+                _viz.colourize(before["mask"], len(classes)),
+                denormalize(after["image"], params),
+                _viz.colourize(after["mask"], len(classes)),
+            ]
+        )
+    return _viz.grid(rows, classes, ["image", "mask", "augmented", "augmented mask"])
+
+
+def run(params: Params, paths: Paths) -> None:
+    """Save both pipelines and the preview under ``paths.augment``."""
+    cfg = params.augment
+    train = build_train_transform(cfg, params.seed)
+    paths.augment.mkdir(parents=True, exist_ok=True)
+    for name, transform in ((TRAIN_PIPELINE, train), (EVAL_PIPELINE, build_eval_transform(cfg))):
+        with atomic_path(paths.augment / name) as tmp:
+            A.save(transform, str(tmp), data_format="json")
+
+    manifest = read_manifest(paths.ingest)
+    chosen = manifest[manifest["split"] == "train"].sort_values("id").head(cfg.preview_samples)
+    samples = [(read_image(paths.ingest / r.image), read_mask(paths.ingest / r.mask)) for r in chosen.itertuples()]
+    # The preview draws from its own copy so it never depends on, or shifts, training's random stream.
+    preview = render_preview(samples, load_transform(paths.augment / TRAIN_PIPELINE, params.seed), cfg, params.classes)
+    with atomic_path(paths.augment / AUGMENT_PREVIEW) as tmp:
+        write_png(tmp, preview)
+    log.info("pipelines %s, %s and %s written to %s", TRAIN_PIPELINE, EVAL_PIPELINE, AUGMENT_PREVIEW, paths.augment)
+
+
+def main() -> None:
+    stage_main(run, "augment")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""Stage ``evaluate``: score the trained model on the test split.
+
+Runs the saved model (``${paths.train}/model``, with its own preprocessing) on
+every test image at full size and writes ``${paths.evaluate}/``:
+
+- ``metrics.json``: IoU and Dice per class and at the named reductions
+  (see :mod:`tasks._metrics`), for ``dvc metrics show`` / ``diff``;
+- ``per_class.csv``: the same per-class numbers as a table (a bar plot);
+- ``per_image.csv``: each test image's own IoU per class, worst first;
+- ``predictions.png``: test images with truth, prediction and errors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+
+from tasks import _metrics, _model, _viz
+from tasks._common import atomic_path, stage_main, write_png, write_text
+from tasks._data import SegmentationDataset, same_shape_batches, split_rows
+from tasks._files import METRICS, MODEL_DIR, PER_CLASS, PER_IMAGE, PREDICTIONS, load_transform, read_manifest
+from tasks.params import Params, Paths
+
+log = logging.getLogger(__name__)
+
+
+@torch.inference_mode()
+def predict(model: torch.nn.Module, loader: DataLoader, device: torch.device):
+    """Yield ``(dataset index, prediction)`` per image.
+
+    Predictions are (H, W) int64 class ids, still at the padded size of the batch.
+    """
+    model.to(device).eval()
+    for images, _, indices in loader:
+        preds = model(images.to(device)).argmax(1).cpu()
+        yield from zip(indices.tolist(), preds, strict=True)
+
+
+def score(
+    dataset: SegmentationDataset, predictions, classes: list[str], keep: int = 0
+) -> tuple[dict, pd.DataFrame, dict[int, np.ndarray]]:
+    """Compare each prediction, cropped to its image, with the untouched mask on disk.
+
+    Args:
+        predictions: ``(index, (H', W') int64)`` pairs, padded at the bottom/right.
+        keep: also return the cropped predictions of dataset indices below this (for pictures).
+
+    Returns:
+        metrics summary, per-image table (worst first), and the kept predictions by index.
+    """
+    counts, ids, kept = [], [], {}
+    for index, pred in predictions:
+        _, mask = dataset.load(index)
+        h, w = mask.shape
+        pred = pred[:h, :w]
+        counts.append(
+            _metrics.confusion_counts(pred[None], torch.from_numpy(mask.astype(np.int64))[None], len(classes))
+        )
+        ids.append(dataset.rows.loc[index, "id"])
+        if index < keep:
+            kept[index] = pred.numpy().astype(np.uint8)
+    tp, fp, fn, tn = (torch.cat(parts) for parts in zip(*counts, strict=True))
+    per_image = pd.DataFrame(_metrics.per_image_iou(tp, fp, fn, tn).numpy(), columns=[f"iou_{c}" for c in classes])
+    per_image.insert(0, "id", ids)
+    per_image["iou_macro"] = per_image[[f"iou_{c}" for c in classes]].mean(axis=1, skipna=True)
+    return _metrics.summarize(tp, fp, fn, tn, classes), per_image.sort_values("iou_macro"), kept
+
+
+def render_predictions(dataset: SegmentationDataset, kept: dict[int, np.ndarray], classes: list[str]) -> np.ndarray:
+    """Image, truth, prediction and an error map (red = wrong) for each kept prediction."""
+    rows = []
+    for index in sorted(kept):
+        image, mask = dataset.load(index)
+        pred = kept[index]
+        errors = np.where(((pred != mask) & (mask != 255))[..., None], (255, 40, 40), (image // 3)).astype(np.uint8)
+        rows.append([image, _viz.colourize(mask, len(classes)), _viz.colourize(pred, len(classes)), errors])
+    return _viz.grid(rows, classes, ["image", "truth", "prediction", "errors"])
+
+
+def run(params: Params, paths: Paths) -> dict:
+    """Evaluate the model on the test split; write metrics, tables and the preview.
+
+    Returns:
+        The metrics written to ``metrics.json``.
+    """
+    model_dir = paths.train / MODEL_DIR
+    model, card = _model.load(model_dir)
+    if card.classes != params.classes:
+        log.warning(
+            "model classes %s differ from params classes %s; scoring by the model's", card.classes, params.classes
+        )
+    rows = split_rows(read_manifest(paths.ingest), "test")
+    dataset = SegmentationDataset(paths.ingest, rows, load_transform(model_dir / card.preprocess), len(card.classes))
+    loader = DataLoader(dataset, batch_sampler=same_shape_batches(rows, params.evaluate.batch_size))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    preview = params.evaluate.preview_samples
+    summary, per_image, kept = score(dataset, predict(model, loader, device), card.classes, keep=preview)
+    metrics = {"split": "test", "images": len(rows), "reduction": _metrics.REDUCTION, **summary}
+
+    paths.evaluate.mkdir(parents=True, exist_ok=True)
+    write_text(paths.evaluate / METRICS, json.dumps(metrics, indent=2) + "\n")
+    per_class = pd.DataFrame(
+        {
+            "class": card.classes,
+            "iou": [summary["iou"]["per_class"][c] for c in card.classes],
+            "dice": [summary["dice"]["per_class"][c] for c in card.classes],
+        }
+    )
+    for name, table in ((PER_CLASS, per_class), (PER_IMAGE, per_image)):
+        with atomic_path(paths.evaluate / name) as tmp:
+            table.to_csv(tmp, index=False, float_format="%.6f")
+    if preview:
+        with atomic_path(paths.evaluate / PREDICTIONS) as tmp:
+            write_png(tmp, render_predictions(dataset, kept, card.classes))
+    log.info(
+        "test IoU macro %s (foreground %s), Dice macro %s on %d images",
+        summary["iou"]["macro"],
+        summary["iou"]["macro_foreground"],
+        summary["dice"]["macro"],
+        len(rows),
+    )
+    return metrics
+
+
+def main() -> None:
+    stage_main(run, "evaluate")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""evaluate: scores full-size test images against the masks on disk."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from tasks import _model, augment, evaluate, ingest
+from tasks._data import SegmentationDataset, split_rows
+from tasks._files import EVAL_PIPELINE, METRICS, MODEL_DIR, PER_CLASS, PER_IMAGE, PREDICTIONS, load_transform, read_manifest
+
+
+@pytest.fixture
+def prepared(tiny_params, tiny_paths):
+    ingest.run(tiny_params, tiny_paths)
+    augment.run(tiny_params, tiny_paths)
+    return tiny_params, tiny_paths
+
+
+def test_perfect_predictions_score_one_and_padding_is_cropped(prepared):
+    params, paths = prepared
+    rows = split_rows(read_manifest(paths.ingest), "test")
+    dataset = SegmentationDataset(paths.ingest, rows, load_transform(paths.augment / EVAL_PIPELINE), 4)
+    padded = []
+    for index in range(len(dataset)):
+        truth = torch.from_numpy(dataset.load(index)[1].astype("int64"))
+        pad = torch.full((64, 64), 3, dtype=torch.int64)  # garbage outside the image must not count
+        pad[: truth.shape[0], : truth.shape[1]] = truth
+        padded.append((index, pad))
+    summary, per_image, kept = evaluate.score(dataset, padded, params.classes, keep=1)
+    assert summary["iou"]["macro"] == 1.0 and summary["pixel_accuracy"] == 1.0
+    assert (per_image["iou_macro"] == 1.0).all() and len(per_image) == len(rows)
+    assert list(kept) == [0]
+
+
+class _Stub(torch.nn.Module):
+    """Predicts class 1 everywhere: a known, wrong model (a real smp model adds nothing here but time)."""
+
+    def forward(self, x):
+        logits = torch.zeros(x.shape[0], 4, *x.shape[2:])
+        logits[:, 1] = 1.0
+        return logits
+
+
+def test_stage_run_writes_metrics_tables_and_preview(prepared, monkeypatch):
+    params, paths = prepared
+    card = _model.ModelCard(
+        arch="Unet",
+        encoder="resnet18",
+        encoder_depth=3,
+        decoder_channels=[16, 8, 4],
+        classes=params.classes,
+        mean=params.augment.normalize.mean,
+        std=params.augment.normalize.std,
+        pad_divisor=32,
+        train_size=32,
+    )
+    _model.save(_model.create("Unet", "resnet18", 3, [16, 8, 4], 4), card, paths.augment / EVAL_PIPELINE, paths.train / MODEL_DIR)
+    monkeypatch.setattr(_model, "load", lambda model_dir: (_Stub(), _model.read_card(model_dir)))
+    metrics = evaluate.run(params, paths)
+
+    on_disk = json.loads((paths.evaluate / METRICS).read_text())
+    assert on_disk == json.loads(json.dumps(metrics))
+    assert on_disk["reduction"].startswith("per_class:")
+    manifest = read_manifest(paths.ingest)
+    test_rows = manifest[manifest["split"] == "test"]
+    assert on_disk["images"] == len(test_rows)
+    # "disk everywhere": IoU of disk = disk pixels / all pixels; background, box, triangle score 0.
+    disk_share = test_rows["px_disk"].sum() / (test_rows["height"] * test_rows["width"]).sum()
+    assert on_disk["iou"]["per_class"]["disk"] == pytest.approx(disk_share, abs=1e-5)
+    assert on_disk["iou"]["per_class"]["background"] == 0.0
+    per_class = pd.read_csv(paths.evaluate / PER_CLASS)
+    assert per_class["class"].tolist() == params.classes
+    per_image = pd.read_csv(paths.evaluate / PER_IMAGE)
+    assert set(per_image["id"]) == set(test_rows["id"])
+    assert (paths.evaluate / PREDICTIONS).stat().st_size > 0

@@ -1,0 +1,105 @@
+"""ingest: deterministic demo data, a stable split, a truthful manifest, atomic output."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tasks import _synthetic, ingest
+from tasks._common import SegflowError, read_image, read_mask
+from tasks._files import read_manifest
+
+
+def _scenes(seed, n, size=48, classes=4):
+    return list(_synthetic.generate(seed, n, classes, size, 2, 5, 0.05))
+
+
+def test_synthetic_is_seeded_and_independent_of_count():
+    first, again, longer = _scenes(1, 4), _scenes(1, 4), _scenes(1, 9)
+    for (i1, im1, m1), (i2, im2, m2), (i3, im3, m3) in zip(first, again, longer, strict=False):
+        assert i1 == i2 == i3
+        assert np.array_equal(im1, im2) and np.array_equal(m1, m2)
+        assert np.array_equal(im1, im3) and np.array_equal(m1, m3)  # image i depends on (seed, i) only
+    other = _scenes(2, 4)
+    assert not np.array_equal(first[0][1], other[0][1])
+
+
+def test_synthetic_scenes_are_multiclass_varied_and_imbalanced():
+    scenes = _scenes(0, 60, size=64)
+    counts = sum(np.bincount(m.ravel(), minlength=4) for _, _, m in scenes)
+    assert all(counts > 0), "every class appears"
+    assert counts[0] > counts[1:].sum(), "background dominates, as in real data"
+    assert counts[1] > 1.5 * counts[3], "the last class is rarer (imbalance on purpose)"
+    image, mask = scenes[0][1], scenes[0][2]
+    assert image.dtype == np.uint8 and image.shape == (64, 64, 3) and mask.shape == (64, 64)
+    # Objects are not flat colour: texture and noise give every class a spread of values.
+    for cls in range(1, 4):
+        pixels = np.concatenate([im[m == cls] for _, im, m in scenes])
+        assert pixels.std() > 10
+
+
+def test_synthetic_rejects_more_classes_than_kinds():
+    with pytest.raises(ValueError, match="object classes"):
+        next(_synthetic.generate(0, 1, _synthetic.MAX_OBJECT_CLASSES + 2, 32, 1, 2, 0.0))
+
+
+def test_split_is_deterministic_and_stable_when_data_grows():
+    ids = [f"img_{i:04d}" for i in range(400)]
+    splits = ingest.assign_splits(ids, 7, 0.15, 0.15)
+    assert splits == ingest.assign_splits(ids, 7, 0.15, 0.15)
+    grown = ingest.assign_splits([*ids, *(f"new_{i}" for i in range(100))], 7, 0.15, 0.15)
+    assert grown[:400] == splits, "adding images never moves an existing one"
+    shares = pd.Series(splits).value_counts(normalize=True)
+    assert 0.10 < shares["test"] < 0.20 and 0.10 < shares["val"] < 0.20
+    assert ingest.assign_splits(ids, 8, 0.15, 0.15) != splits
+
+
+def test_empty_split_is_a_clear_error():
+    with pytest.raises(SegflowError, match=r"split 'test' got none of the 2 images.*ingest.test_fraction"):
+        ingest.assign_splits(["a", "b"], 0, 0.0, 0.01)
+
+
+def test_run_writes_layout_and_a_truthful_manifest(tiny_params, tiny_paths):
+    manifest = ingest.run(tiny_params, tiny_paths)
+    on_disk = read_manifest(tiny_paths.ingest)
+    pd.testing.assert_frame_equal(manifest.reset_index(drop=True), on_disk, check_dtype=False)
+    assert list(on_disk.columns[:2]) == ["id", "split"]
+    assert set(on_disk["split"]) == {"train", "val", "test"}
+    for row in on_disk.itertuples():
+        image, mask = read_image(tiny_paths.ingest / row.image), read_mask(tiny_paths.ingest / row.mask)
+        assert image.shape[:2] == mask.shape == (row.height, row.width)
+        counts = np.bincount(mask.ravel(), minlength=4)
+        assert [row.px_background, row.px_disk, row.px_box, row.px_triangle] == counts.tolist()
+
+
+def test_rerun_is_byte_identical(tiny_params, tiny_paths, tmp_path):
+    ingest.run(tiny_params, tiny_paths)
+    other = tiny_params.paths.under(tmp_path / "again")
+    ingest.run(tiny_params, other)
+    for path in sorted(tiny_paths.ingest.rglob("*.*")):
+        twin = other.ingest / path.relative_to(tiny_paths.ingest)
+        assert path.read_bytes() == twin.read_bytes(), path.name
+
+
+def test_crash_leaves_previous_output_intact(tiny_params, tiny_paths, monkeypatch):
+    ingest.run(tiny_params, tiny_paths)
+    before = sorted(p.name for p in tiny_paths.ingest.rglob("*"))
+
+    real = _synthetic.generate
+
+    def broken(*args, **kwargs):
+        yield from list(real(*args, **kwargs))[:3]
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(_synthetic, "generate", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        ingest.run(tiny_params, tiny_paths)
+    assert sorted(p.name for p in tiny_paths.ingest.rglob("*")) == before
+    assert not [p for p in tiny_paths.ingest.parent.iterdir() if ".tmp-" in p.name], "no temporary left behind"
+
+
+def test_mask_with_unknown_class_id_is_named():
+    mask = np.array([[0, 1], [5, 0]], dtype=np.uint8)
+    with pytest.raises(SegflowError, match="sample_3: mask holds class id 5 but classes lists only 4"):
+        ingest.manifest_row("sample_3", mask, ["background", "a", "b", "c"])

@@ -1,0 +1,78 @@
+"""params.yaml is read by one typed loader that rejects mistakes by name."""
+
+from __future__ import annotations
+
+import pytest
+import segmentation_models_pytorch as smp
+import yaml
+
+from tasks.params import Arch, Params, ParamsError, load_params, parse_params
+from tests.conftest import ROOT
+
+
+def test_project_params_file_is_valid_and_complete():
+    params = load_params(ROOT / "params.yaml")
+    written = yaml.safe_load((ROOT / "params.yaml").read_text())
+    # Every section is written out in the file, so `dvc params diff` shows all of them.
+    assert set(written) == set(Params.model_fields)
+    assert params.classes[0] == "background"
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ({"trian": {}}, "unknown key 'trian'"),
+        ({"train": {"lrr": 0.1}}, "unknown key 'train.lrr'"),
+        ({"ingest": {"synthetic": {"num_image": 5}}}, "unknown key 'ingest.synthetic.num_image'"),
+        ({"train": {"loss": "hinge"}}, "train.loss"),
+        ({"train": {"arch": "UNet3D"}}, "train.arch"),
+        ({"train": {"precision": "fp8"}}, "train.precision"),
+        ({"train": {"lr": -1}}, "train.lr"),
+        ({"train": {"encoder_depth": 4, "decoder_channels": [8, 8]}}, "decoder_channels has 2 entries"),
+        ({"ingest": {"val_fraction": 0.5, "test_fraction": 0.5}}, "leave some data for training"),
+        ({"classes": ["background"]}, "at least 2 classes"),
+        ({"classes": ["a", "b", "a"]}, "repeat"),
+        ({"ingest": {"synthetic": {"class_weights": [1, 2]}}}, "one per object class (3"),
+        ({"ingest": {"synthetic": {"min_objects": 5, "max_objects": 2}}}, "min_objects"),
+    ],
+)
+def test_bad_params_are_rejected_by_name(data, expected):
+    with pytest.raises(ParamsError) as info:
+        parse_params(data, "params.yaml")
+    message = str(info.value)
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_all_problems_reported_at_once():
+    with pytest.raises(ParamsError) as info:
+        parse_params({"train": {"lrr": 1, "epochs": 0}})
+    assert "train.lrr" in str(info.value) and "train.epochs" in str(info.value)
+
+
+def test_file_errors_are_one_line(tmp_path):
+    with pytest.raises(ParamsError, match="not found"):
+        load_params(tmp_path / "params.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ParamsError, match="not valid YAML") as info:
+        load_params(bad)
+    assert "\n" not in str(info.value)
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(ParamsError, match="must be a mapping"):
+        load_params(bad)
+
+
+def test_encoder_weights_null_spellings_mean_random_init():
+    for value in (None, "", "none", "null"):
+        assert parse_params({"train": {"encoder_weights": value}}).train.encoder_weights is None
+
+
+def test_arch_choices_match_smp():
+    # If smp adds or renames an architecture, the Literal must follow.
+    assert {a.lower() for a in Arch.__args__} == set(smp.MODEL_ARCHITECTURES_MAPPING)
+
+
+def test_paths_reroot(tmp_path):
+    paths = Params().paths.under(tmp_path)
+    assert paths.train == tmp_path / "data" / "train"
