@@ -1,0 +1,1 @@
+"""Benchmarks: each module measures side by side in one run and returns a markdown section."""

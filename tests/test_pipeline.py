@@ -1,0 +1,199 @@
+"""Integration: the real pipeline in a temporary git + DVC project with a tiny configuration.
+
+Runs in file order, on one project: a real ``dvc repro`` of all stages, then
+``segflow run`` (the Prefect flow) against a real Prefect server on 127.0.0.1,
+which must skip every stage and leave ``dvc.lock`` byte-identical, then a
+params change that reruns only the stage it affects, then a failing stage.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from tests.conftest import ROOT, TINY, subprocess_env
+
+STAGES = ["ingest", "augment", "train", "evaluate"]
+BIN = Path(sys.executable).parent
+
+
+def _merge(base: dict, override: dict) -> dict:
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and key in merged else value
+    return merged
+
+
+def _run(cmd: list[str], cwd: Path, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=env or subprocess_env(), capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def _dvc(project: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return _run([sys.executable, "-m", "dvc", *args], project, check=check)
+
+
+def _ran(output: str) -> list[str]:
+    """Stages a `dvc repro` / `segflow run` output says it ran."""
+    return [stage for stage in STAGES if f"Running stage '{stage}'" in output]
+
+
+def _set_params(project: Path, override: dict) -> None:
+    path = project / "params.yaml"
+    path.write_text(yaml.safe_dump(_merge(yaml.safe_load(path.read_text()), override), sort_keys=False))
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """A committed git + DVC project: this repo's tasks/, dvc.yaml and DVC config, tiny params."""
+    root = tmp_path_factory.mktemp("project")
+    shutil.copytree(ROOT / "tasks", root / "tasks", ignore=shutil.ignore_patterns("__pycache__"))
+    (root / ".dvc").mkdir()
+    for name in ("dvc.yaml", ".dvcignore", ".gitignore", ".dvc/config", ".dvc/.gitignore"):
+        shutil.copy2(ROOT / name, root / name)
+    full = yaml.safe_load((ROOT / "params.yaml").read_text())
+    (root / "params.yaml").write_text(yaml.safe_dump(_merge(full, TINY), sort_keys=False))
+    env = subprocess_env()
+    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t.invalid", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+    _run(["git", "init", "-q", "-b", "main"], root, env)
+    _run(["git", "add", "-A"], root, env)
+    _run(["git", "commit", "-qm", "tiny segflow project"], root, env)
+    return root
+
+
+@pytest.fixture(scope="module")
+def prefect_api(tmp_path_factory) -> str:
+    """A real Prefect server on 127.0.0.1 (own home and database), stopped after the module."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = subprocess_env()
+    env.update(
+        PREFECT_HOME=str(tmp_path_factory.mktemp("prefect-server")),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_UI_ENABLED="false",
+    )
+    log = (tmp_path_factory.mktemp("prefect-log") / "server.log").open("w")
+    server = subprocess.Popen(
+        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    api = f"http://127.0.0.1:{port}/api"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if httpx.get(f"{api}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                log.flush()
+                pytest.fail(f"Prefect server did not start:\n{Path(log.name).read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield api
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+
+
+def _segflow(project: Path, api: str, *args: str) -> subprocess.CompletedProcess:
+    env = subprocess_env()
+    env["PREFECT_API_URL"] = api
+    return _run([str(BIN / "segflow"), "--root", str(project), "run", *args], project, env, check=False)
+
+
+def test_dvc_repro_runs_the_whole_pipeline_then_nothing(project):
+    first = _dvc(project, "repro")
+    assert _ran(first.stdout) == STAGES, first.stdout
+
+    data = project / "data"
+    manifest = data / "ingest" / "manifest.csv"
+    assert manifest.is_file()
+    for name in ("train.json", "eval.json", "preview.png"):
+        assert (data / "augment" / name).is_file()
+    assert {p.name for p in (data / "train" / "model").iterdir()} >= {"model.safetensors", "model.json"}
+    metrics = json.loads((data / "evaluate" / "metrics.json").read_text())
+    assert set(metrics["iou"]["per_class"]) == {"background", "disk", "box", "triangle"}
+    assert 0.0 <= metrics["iou"]["macro"] <= 1.0
+
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    assert set(lock["stages"]) == set(STAGES)
+
+    assert "up to date" in _dvc(project, "status").stdout
+    second = _dvc(project, "repro")
+    assert _ran(second.stdout) == [], second.stdout
+
+    shown = json.loads(_dvc(project, "metrics", "show", "--json").stdout)
+    # One revision (the workspace; DVC 3 keys it ""), one entry per declared metrics file.
+    (workspace,) = (rev["data"] for rev in shown.values())
+    assert "data/evaluate/metrics.json" in workspace
+    assert "data/train/live/metrics.json" in workspace
+    _dvc(project, "plots", "show", "-o", str(project / "dvc_plots"))
+    assert (project / "dvc_plots" / "index.html").is_file()
+
+
+def test_flow_run_skips_unchanged_stages_and_leaves_the_same_lock(project, prefect_api):
+    lock_before = (project / "dvc.lock").read_bytes()
+    proc = _segflow(project, prefect_api)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert _ran(proc.stdout + proc.stderr) == []
+    assert (project / "dvc.lock").read_bytes() == lock_before
+    assert "test IoU" in proc.stdout
+
+    runs = httpx.post(f"{prefect_api}/flow_runs/filter", json={}, timeout=10).json()
+    assert [run["state_type"] for run in runs] == ["COMPLETED"]
+    tasks = httpx.post(f"{prefect_api}/task_runs/filter", json={}, timeout=10).json()
+    assert sorted(t["name"] for t in tasks) == sorted(STAGES)
+    artifacts = httpx.post(
+        f"{prefect_api}/artifacts/filter", json={"artifacts": {"key": {"any_": ["segflow-test-metrics"]}}}, timeout=10
+    ).json()
+    assert len(artifacts) == 1
+    rows = artifacts[0]["data"]
+    rows = json.loads(rows) if isinstance(rows, str) else rows
+    assert [row["class"] for row in rows] == ["background", "disk", "box", "triangle"]
+
+
+def test_params_change_reruns_only_the_affected_stage(project, prefect_api):
+    _set_params(project, {"evaluate": {"preview_samples": 3}})
+    proc = _segflow(project, prefect_api)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert _ran(proc.stdout + proc.stderr) == ["evaluate"]
+    # The flow leaves the lock `dvc repro` would: nothing left to do.
+    assert "up to date" in _dvc(project, "status").stdout
+
+
+def test_failing_stage_stops_the_flow_with_its_one_line_error(project, prefect_api):
+    params = project / "params.yaml"
+    original = params.read_bytes()
+    try:
+        _set_params(project, {"train": {"encoder": "resnet19"}})
+        proc = _segflow(project, prefect_api)
+    finally:
+        params.write_bytes(original)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    error = proc.stderr.strip().splitlines()[-1]
+    assert error.startswith("segflow: error: stage 'train' failed"), proc.stderr
+    assert "resnet19" in error
+    assert "Running stage 'evaluate'" not in proc.stdout + proc.stderr
+    # The failed stage left no lock entry that claims it is up to date.
+    assert "train" in _dvc(project, "status").stdout
+
