@@ -56,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
 
     root = args.root.resolve()
     if not (root / "dvc.yaml").is_file():
-        print(f"segflow: error: {root / 'dvc.yaml'} not found; run from the project root or pass --root", file=sys.stderr)
+        print(
+            f"segflow: error: {root / 'dvc.yaml'} not found; run from the project root or pass --root", file=sys.stderr
+        )
         return 2
 
     _prefect_defaults()

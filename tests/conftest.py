@@ -9,9 +9,9 @@ from pathlib import Path
 # so a hub name fails at once instead of waiting on the network.
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-import pytest  # noqa: E402
+import pytest
 
-from tasks.params import Params, parse_params  # noqa: E402
+from tasks.params import Params, parse_params
 
 ROOT = Path(__file__).resolve().parents[1]
 ISBI = ROOT.parent / "shared" / "datasets" / "isbi2012-membrane"

@@ -72,7 +72,10 @@ def test_run_saves_pipelines_that_reload_with_the_same_randomness(tiny_params, t
     for name in (TRAIN_PIPELINE, EVAL_PIPELINE):
         saved = json.loads((tiny_paths.augment / name).read_text())
         assert saved["transform"]["__class_fullname__"] == "Compose"
-    names = [t["__class_fullname__"] for t in json.loads((tiny_paths.augment / TRAIN_PIPELINE).read_text())["transform"]["transforms"]]
+    names = [
+        t["__class_fullname__"]
+        for t in json.loads((tiny_paths.augment / TRAIN_PIPELINE).read_text())["transform"]["transforms"]
+    ]
     assert names[-1] == "Normalize" and "RandomCrop" in names and "HorizontalFlip" in names
 
     image, mask = _coded_sample(size=32)

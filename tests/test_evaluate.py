@@ -10,7 +10,16 @@ import torch
 
 from tasks import _model, augment, evaluate, ingest
 from tasks._data import SegmentationDataset, split_rows
-from tasks._files import EVAL_PIPELINE, METRICS, MODEL_DIR, PER_CLASS, PER_IMAGE, PREDICTIONS, load_transform, read_manifest
+from tasks._files import (
+    EVAL_PIPELINE,
+    METRICS,
+    MODEL_DIR,
+    PER_CLASS,
+    PER_IMAGE,
+    PREDICTIONS,
+    load_transform,
+    read_manifest,
+)
 
 
 @pytest.fixture
@@ -58,7 +67,12 @@ def test_stage_run_writes_metrics_tables_and_preview(prepared, monkeypatch):
         pad_divisor=32,
         train_size=32,
     )
-    _model.save(_model.create("Unet", "resnet18", 3, [16, 8, 4], 4), card, paths.augment / EVAL_PIPELINE, paths.train / MODEL_DIR)
+    _model.save(
+        _model.create("Unet", "resnet18", 3, [16, 8, 4], 4),
+        card,
+        paths.augment / EVAL_PIPELINE,
+        paths.train / MODEL_DIR,
+    )
     monkeypatch.setattr(_model, "load", lambda model_dir: (_Stub(), _model.read_card(model_dir)))
     metrics = evaluate.run(params, paths)
 

@@ -196,4 +196,3 @@ def test_failing_stage_stops_the_flow_with_its_one_line_error(project, prefect_a
     assert "Running stage 'evaluate'" not in proc.stdout + proc.stderr
     # The failed stage left no lock entry that claims it is up to date.
     assert "train" in _dvc(project, "status").stdout
-
