@@ -1,7 +1,8 @@
-"""What benchmarks share: a scratch copy of the project, timed commands, machine facts."""
+"""What benchmarks (and the integration tests) share: a scratch project, timed commands, machine facts."""
 
 from __future__ import annotations
 
+import copy
 import os
 import platform
 import shutil
@@ -11,24 +12,36 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
+from flows.pipeline import stage_env
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 # What a pipeline needs from the repository; its outputs and lock are not copied.
-PROJECT_FILES = ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", ".dvc/config", ".dvc/.gitignore")
+PROJECT_FILES = ("dvc.yaml", ".dvcignore", ".gitignore", ".dvc/config", ".dvc/.gitignore")
 
 
 def env(**extra: str) -> dict[str, str]:
-    """This environment, offline and quiet, with this interpreter's bin first on PATH."""
-    out = dict(os.environ)
-    out.update(HF_HUB_OFFLINE="1", DVC_NO_ANALYTICS="1", PREFECT_SERVER_ANALYTICS_ENABLED="false")
-    out["PATH"] = os.pathsep.join([str(BIN), out.get("PATH", "")])
-    out.update(extra)
-    return out
+    """A stage's environment (venv first on PATH, hub offline), without telemetry."""
+    return stage_env(DVC_NO_ANALYTICS="1", PREFECT_SERVER_ANALYTICS_ENABLED="false", **extra)
 
 
-def fresh_project(dest: Path) -> Path:
-    """A committed git + DVC copy of this project's code and params, with no outputs."""
+def merge(base: dict, override: dict) -> dict:
+    """``base`` with ``override`` laid over it, nested mappings merged key by key."""
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        merged[key] = merge(merged[key], value) if isinstance(value, dict) and key in merged else value
+    return merged
+
+
+def fresh_project(dest: Path, params: dict | None = None) -> Path:
+    """A committed git + DVC copy of this project's code and params, with no outputs.
+
+    Args:
+        params: overrides laid over this repository's params.yaml (e.g. a tiny configuration).
+    """
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
@@ -36,10 +49,12 @@ def fresh_project(dest: Path) -> Path:
     (dest / ".dvc").mkdir()
     for name in PROJECT_FILES:
         shutil.copy2(ROOT / name, dest / name)
-    git_env = env(GIT_AUTHOR_NAME="bench", GIT_AUTHOR_EMAIL="bench@segflow.invalid")
-    git_env.update(GIT_COMMITTER_NAME="bench", GIT_COMMITTER_EMAIL="bench@segflow.invalid")
-    for cmd in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"], ["git", "commit", "-qm", "bench"]):
-        subprocess.run(cmd, cwd=dest, env=git_env, check=True)
+    full = yaml.safe_load((ROOT / "params.yaml").read_text())
+    (dest / "params.yaml").write_text(yaml.safe_dump(merge(full, params or {}), sort_keys=False))
+    identity = {"GIT_AUTHOR_NAME": "segflow", "GIT_COMMITTER_NAME": "segflow"}
+    identity |= {"GIT_AUTHOR_EMAIL": "segflow@segflow.invalid", "GIT_COMMITTER_EMAIL": "segflow@segflow.invalid"}
+    for cmd in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"], ["git", "commit", "-qm", "scratch"]):
+        subprocess.run(cmd, cwd=dest, env=env(**identity), check=True, capture_output=True)
     return dest
 
 

@@ -23,7 +23,9 @@ def _prefect_defaults() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
-def _headline(summary: dict, root: Path) -> str:
+def _report(summary: dict) -> str:
+    from flows.pipeline import headline
+
     lines = ["", "segflow: pipeline finished"]
     lines += [f"  {s['stage']:<10} {s['status']:<8} {s['seconds']:>7.1f}s" for s in summary["stages"]]
     outputs = summary["outputs"]
@@ -33,14 +35,8 @@ def _headline(summary: dict, root: Path) -> str:
         f"{Path(outputs['training_metrics']).parent}/plots  (dvc plots show)",
         f"  model:       {outputs['model']}/",
     ]
-    metrics = summary["metrics"]
-    if metrics:
-        iou, dice = metrics["iou"], metrics["dice"]
-        per_class = ", ".join(f"{name} {value:.3f}" for name, value in iou["per_class"].items() if value is not None)
-        lines += [
-            f"  test IoU  (macro over {len(iou['per_class'])} classes): {iou['macro']:.4f}   per class: {per_class}",
-            f"  test Dice (macro): {dice['macro']:.4f}   on {metrics['images']} test images",
-        ]
+    if summary["metrics"]:
+        lines.append(f"  {headline(summary['metrics'])}")
     return "\n".join(lines)
 
 
@@ -73,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     except (StageFailed, SegflowError) as error:
         print(f"segflow: error: {error}", file=sys.stderr)
         return 1
-    print(_headline(summary, root))
+    print(_report(summary))
     return 0
 
 

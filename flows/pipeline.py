@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -42,16 +43,33 @@ def stage_order(root: Path | str = ".") -> list[str]:
         return [stage.addressing for stage in plan_repro(repo.index.graph) if stage.cmd]
 
 
-def _stage_env() -> dict[str, str]:
-    """The environment for a stage: this interpreter's bin folder first on PATH.
+def stage_env(**extra: str) -> dict[str, str]:
+    """The environment for a stage: this interpreter's bin folder first on PATH, hub offline.
 
-    dvc.yaml commands say ``python -m tasks.x``; without this a flow started
-    as ``.venv/bin/segflow`` from an unactivated shell would run the stages
-    with whatever ``python`` the shell finds.
+    dvc.yaml commands say ``python -m tasks.x``; without the PATH entry a flow
+    started as ``.venv/bin/segflow`` from an unactivated shell would run the
+    stages with whatever ``python`` the shell finds. ``HF_HUB_OFFLINE`` defaults
+    to 1 so a hub weights name fails at once rather than waiting on a network
+    segflow does not use (set it to 0 where the hub is reachable).
     """
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.update(extra)
     return env
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop a stage and everything it started (DVC runs the command through a shell)."""
+    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=wait)
+            return
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def _failure_reason(stage: str, lines: deque[str], code: int) -> str:
@@ -81,7 +99,14 @@ def run_stage(stage: str, root: str, force: bool = False) -> dict:
     ran = False
     tail: deque[str] = deque(maxlen=40)
     with subprocess.Popen(
-        cmd, cwd=root, env=_stage_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+        cmd,
+        cwd=root,
+        env=stage_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+        start_new_session=True,  # its own process group, so a cancel reaches the stage's command too
     ) as proc:
         try:
             for raw in proc.stdout:
@@ -95,8 +120,7 @@ def run_stage(stage: str, root: str, force: bool = False) -> dict:
         except BaseException:
             # Cancelled or interrupted: stop the stage too; DVC then leaves no
             # lock entry for it, so the next run redoes it.
-            proc.terminate()
-            proc.wait(timeout=30)
+            _stop(proc)
             raise
     if code != 0:
         raise StageFailed(_failure_reason(stage, tail, code))
@@ -120,6 +144,17 @@ def collect_outputs(root: Path) -> dict:
     return {"outputs": outputs, "metrics": metrics}
 
 
+def headline(metrics: dict) -> str:
+    """The test scores in one line: macro IoU and Dice, per-class IoU."""
+    iou, dice = metrics["iou"], metrics["dice"]
+    scored = {name: value for name, value in iou["per_class"].items() if value is not None}
+    per_class = ", ".join(f"{name} {value:.3f}" for name, value in scored.items())
+    return (
+        f"test IoU (macro over {len(scored)} classes) {iou['macro']:.4f}, Dice (macro) {dice['macro']:.4f} "
+        f"on {metrics['images']} images; IoU per class: {per_class}"
+    )
+
+
 def _publish(stages: list[dict], outputs: dict) -> None:
     """Show the run's stages and test metrics as Prefect artifacts (dashboard, Artifacts tab)."""
     metrics = outputs["metrics"]
@@ -127,13 +162,7 @@ def _publish(stages: list[dict], outputs: dict) -> None:
     lines += [f"| {s['stage']} | {s['status']} | {s['seconds']} |" for s in stages]
     if metrics:
         iou, dice = metrics["iou"], metrics["dice"]
-        lines += [
-            "",
-            f"**Test IoU (macro)** {iou['macro']:.4f} · **Dice (macro)** {dice['macro']:.4f} "
-            f"on {metrics['images']} images",
-            "",
-            f"Reduction: {metrics['reduction']}",
-        ]
+        lines += ["", f"**{headline(metrics)}**", "", f"Reduction: {metrics['reduction']}"]
         create_table_artifact(
             key="segflow-test-metrics",
             table=[

@@ -36,8 +36,15 @@ def atomic_path(final: Path) -> Iterator[Path]:
     try:
         yield tmp
         if final.is_dir() and not final.is_symlink():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+            # Move the old folder aside in one rename, then swap the new one in:
+            # a kill in between leaves no `final` (which reads as "not written"),
+            # never a half-deleted old one that still looks valid.
+            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+            os.replace(final, old / final.name)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
     except BaseException:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -89,13 +96,19 @@ def read_mask(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as img:
             if img.mode not in ("L", "P", "I", "I;16"):
-                raise SegflowError(f"{path}: mask has mode {img.mode}, expected one channel of class ids (mode L)")
+                raise SegflowError(
+                    f"{path}: mask has mode {img.mode}, expected one channel of class ids; "
+                    "re-save it as 8-bit grayscale (mode L) whose pixel values are the class ids"
+                )
             mask = np.asarray(img)
     except OSError as error:
         raise SegflowError(f"{path}: cannot read mask ({error}); replace or remove the file") from None
     if mask.dtype != np.uint8:
         if mask.max(initial=0) > 255:
-            raise SegflowError(f"{path}: mask values go up to {mask.max()}, class ids must be < 255")
+            raise SegflowError(
+                f"{path}: mask values go up to {mask.max()}, but class ids must be below 255; "
+                "re-save it as 8-bit grayscale with one id per class (255 = ignore)"
+            )
         mask = mask.astype(np.uint8)
     return mask
 

@@ -13,33 +13,16 @@ from torch.utils.data import Dataset, get_worker_info
 from tasks._common import SegflowError, read_image, read_mask
 
 
-def split_rows(manifest: pd.DataFrame, split: str, *, required: bool = True) -> pd.DataFrame:
-    """The manifest rows of one split, in id order.
-
-    Raises:
-        SegflowError: ``required`` and the split has no rows.
-    """
-    rows = manifest[manifest["split"] == split].sort_values("id").reset_index(drop=True)
-    if required and rows.empty:
-        raise SegflowError(
-            f"the manifest has no '{split}' images; rerun ingest with a larger ingest.{split}_fraction"
-            if split != "train"
-            else "the manifest has no 'train' images; lower ingest.val_fraction / ingest.test_fraction"
-        )
-    return rows
-
-
 class SegmentationDataset(Dataset):
     """Samples from ingest's layout, each passed through an albumentations pipeline.
 
     Items are ``(image (3, H, W) float32, mask (H, W) int64, index)``.
     """
 
-    def __init__(self, root: Path, rows: pd.DataFrame, transform: A.Compose, num_classes: int):
+    def __init__(self, root: Path, rows: pd.DataFrame, transform: A.Compose):
         self.root = Path(root)
         self.rows = rows.reset_index(drop=True)
         self.transform = transform
-        self.num_classes = num_classes
 
     def __len__(self) -> int:
         return len(self.rows)

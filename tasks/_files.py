@@ -41,7 +41,26 @@ def read_manifest(ingest_dir: Path) -> pd.DataFrame:
     path = Path(ingest_dir) / MANIFEST
     if not path.is_file():
         raise SegflowError(f"{path}: not found; run the ingest stage first (dvc repro ingest)")
-    return pd.read_csv(path, dtype={"id": str, "split": str})
+    manifest = pd.read_csv(path, dtype={"id": str, "split": str})
+    manifest.attrs["path"] = str(path)  # for error messages about its contents
+    return manifest
+
+
+def split_rows(manifest: pd.DataFrame, split: str, *, required: bool = True) -> pd.DataFrame:
+    """The manifest rows of one split, in id order.
+
+    Raises:
+        SegflowError: ``required`` and the split has no rows.
+    """
+    rows = manifest[manifest["split"] == split].sort_values("id").reset_index(drop=True)
+    if required and rows.empty:
+        fix = (
+            f"rerun ingest with a larger ingest.{split}_fraction"
+            if split != "train"
+            else "lower ingest.val_fraction / ingest.test_fraction"
+        )
+        raise SegflowError(f"{manifest.attrs.get('path', MANIFEST)}: no '{split}' images; {fix}")
+    return rows
 
 
 def load_transform(path: Path, seed: int | None = None) -> A.Compose:

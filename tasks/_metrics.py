@@ -9,7 +9,9 @@ class). Scores:
   in the ground truth or the prediction; a class absent from both is
   undefined (null), not a free 1.0.
 - ``macro_foreground``: the same mean without ``classes[0]`` (background).
-- ``micro``: one IoU/Dice from all classes' counts pooled.
+- ``micro``: one IoU/Dice from all classes' counts pooled. With one label
+  per pixel every false positive of one class is a false negative of another,
+  so micro Dice equals pixel accuracy (kept because readers expect the name).
 
 Dice is F1 on pixel counts (``smp.metrics.f1_score``).
 """
@@ -27,7 +29,7 @@ REDUCTION = (
     "per_class: IoU/Dice of each class from pixel counts summed over all images; "
     "macro: unweighted mean of per_class over classes present in ground truth or prediction; "
     "macro_foreground: macro without the first (background) class; "
-    "micro: all classes' pixel counts pooled"
+    "micro: all classes' pixel counts pooled (micro Dice = pixel accuracy for single-label masks)"
 )
 
 
@@ -53,13 +55,10 @@ def _scores(metric, tp, fp, fn, tn) -> torch.Tensor:
     return metric(tp, fp, fn, tn, reduction="none", zero_division=math.nan)
 
 
-def _nanmean(values: torch.Tensor) -> float | None:
-    values = values[~values.isnan()]
-    return float(values.mean()) if values.numel() else None
-
-
-def _clean(value: float) -> float | None:
-    return None if math.isnan(value) else round(float(value), 6)
+def _clean(value: float | torch.Tensor) -> float | None:
+    """A JSON-ready score: rounded, None where undefined (NaN)."""
+    value = float(value)
+    return None if math.isnan(value) else round(value, 6)
 
 
 def summarize(tp: torch.Tensor, fp: torch.Tensor, fn: torch.Tensor, tn: torch.Tensor, classes: list[str]) -> dict:
@@ -74,10 +73,10 @@ def summarize(tp: torch.Tensor, fp: torch.Tensor, fn: torch.Tensor, tn: torch.Te
     result = {}
     for name, metric in (("iou", smp.metrics.iou_score), ("dice", smp.metrics.f1_score)):
         per_class = _scores(metric, *totals)
-        macro, macro_fg = _nanmean(per_class), _nanmean(per_class[1:])
         result[name] = {
-            "macro": None if macro is None else round(macro, 6),
-            "macro_foreground": None if macro_fg is None else round(macro_fg, 6),
+            # nanmean of an all-NaN tensor is NaN, which _clean turns into None.
+            "macro": _clean(per_class.nanmean()),
+            "macro_foreground": _clean(per_class[1:].nanmean()),
             "micro": _clean(_scores(metric, *pooled)),
             "per_class": {c: _clean(v) for c, v in zip(classes, per_class.tolist(), strict=True)},
         }

@@ -93,6 +93,11 @@ def create(
     try:
         return smp.create_model(arch, encoder_name=encoder, encoder_weights=hub_weights, classes=num_classes, **kwargs)
     except KeyError as error:
+        if hub_weights is not None and "Wrong pretrained weights" in str(error):
+            # A name smp does not know for this encoder (a typo), not a network problem.
+            raise SegflowError(
+                f"train.encoder_weights: {str(error).strip(chr(34))}; or give a local weights file, or null"
+            ) from None
         if hub_weights is not None and "weights" in str(error).lower():
             raise _weights_error(hub_weights) from None
         if "encoder" not in str(error).lower():
@@ -146,7 +151,20 @@ def load_encoder_weights(model: torch.nn.Module, source: str) -> None:
             "is it the weights of the same train.encoder?"
         )
     model.encoder.load_state_dict(usable, strict=False)
-    log.info("loaded %d of %d encoder tensors from %s", len(usable), len(own), path)
+    if len(usable) < len(own):
+        # Most likely the weights of another encoder variant: say so, loudly, but train on.
+        mismatched = sum(1 for k, v in state.items() if k in own and own[k].shape != v.shape)
+        log.warning(
+            "%s: only %d of the encoder's %d tensors loaded (%d shape mismatches, %d missing); "
+            "the rest stay randomly initialised. Is it the weights of train.encoder?",
+            path,
+            len(usable),
+            len(own),
+            mismatched,
+            len(own) - len(usable) - mismatched,
+        )
+    else:
+        log.info("loaded all %d encoder tensors from %s", len(own), path)
 
 
 def build(params: TrainParams, num_classes: int) -> torch.nn.Module:

@@ -17,7 +17,7 @@ import numpy as np
 
 from tasks import _viz
 from tasks._common import atomic_path, read_image, read_mask, stage_main, write_png
-from tasks._files import AUGMENT_PREVIEW, EVAL_PIPELINE, TRAIN_PIPELINE, load_transform, read_manifest
+from tasks._files import AUGMENT_PREVIEW, EVAL_PIPELINE, TRAIN_PIPELINE, load_transform, read_manifest, split_rows
 from tasks.params import IGNORE_INDEX, AugmentParams, Params, Paths
 
 log = logging.getLogger(__name__)
@@ -125,7 +125,7 @@ def run(params: Params, paths: Paths) -> None:
             A.save(transform, str(tmp), data_format="json")
 
     manifest = read_manifest(paths.ingest)
-    chosen = manifest[manifest["split"] == "train"].sort_values("id").head(cfg.preview_samples)
+    chosen = split_rows(manifest, "train").head(cfg.preview_samples)
     samples = [(read_image(paths.ingest / r.image), read_mask(paths.ingest / r.mask)) for r in chosen.itertuples()]
     # The preview draws from its own copy so it never depends on, or shifts, training's random stream.
     preview = render_preview(samples, load_transform(paths.augment / TRAIN_PIPELINE, params.seed), cfg, params.classes)

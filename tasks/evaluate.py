@@ -22,9 +22,18 @@ from torch.utils.data import DataLoader
 
 from tasks import _metrics, _model, _viz
 from tasks._common import atomic_path, stage_main, write_png, write_text
-from tasks._data import SegmentationDataset, same_shape_batches, split_rows
-from tasks._files import METRICS, MODEL_DIR, PER_CLASS, PER_IMAGE, PREDICTIONS, load_transform, read_manifest
-from tasks.params import Params, Paths
+from tasks._data import SegmentationDataset, same_shape_batches
+from tasks._files import (
+    METRICS,
+    MODEL_DIR,
+    PER_CLASS,
+    PER_IMAGE,
+    PREDICTIONS,
+    load_transform,
+    read_manifest,
+    split_rows,
+)
+from tasks.params import IGNORE_INDEX, Params, Paths
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +86,9 @@ def render_predictions(dataset: SegmentationDataset, kept: dict[int, np.ndarray]
     for index in sorted(kept):
         image, mask = dataset.load(index)
         pred = kept[index]
-        errors = np.where(((pred != mask) & (mask != 255))[..., None], (255, 40, 40), (image // 3)).astype(np.uint8)
+        errors = np.where(((pred != mask) & (mask != IGNORE_INDEX))[..., None], (255, 40, 40), (image // 3)).astype(
+            np.uint8
+        )
         rows.append([image, _viz.colourize(mask, len(classes)), _viz.colourize(pred, len(classes)), errors])
     return _viz.grid(rows, classes, ["image", "truth", "prediction", "errors"])
 
@@ -95,7 +106,7 @@ def run(params: Params, paths: Paths) -> dict:
             "model classes %s differ from params classes %s; scoring by the model's", card.classes, params.classes
         )
     rows = split_rows(read_manifest(paths.ingest), "test")
-    dataset = SegmentationDataset(paths.ingest, rows, load_transform(model_dir / card.preprocess), len(card.classes))
+    dataset = SegmentationDataset(paths.ingest, rows, load_transform(model_dir / card.preprocess))
     loader = DataLoader(dataset, batch_sampler=same_shape_batches(rows, params.evaluate.batch_size))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -104,7 +115,6 @@ def run(params: Params, paths: Paths) -> dict:
     metrics = {"split": "test", "images": len(rows), "reduction": _metrics.REDUCTION, **summary}
 
     paths.evaluate.mkdir(parents=True, exist_ok=True)
-    write_text(paths.evaluate / METRICS, json.dumps(metrics, indent=2) + "\n")
     per_class = pd.DataFrame(
         {
             "class": card.classes,
@@ -115,9 +125,10 @@ def run(params: Params, paths: Paths) -> dict:
     for name, table in ((PER_CLASS, per_class), (PER_IMAGE, per_image)):
         with atomic_path(paths.evaluate / name) as tmp:
             table.to_csv(tmp, index=False, float_format="%.6f")
-    if preview:
-        with atomic_path(paths.evaluate / PREDICTIONS) as tmp:
-            write_png(tmp, render_predictions(dataset, kept, card.classes))
+    with atomic_path(paths.evaluate / PREDICTIONS) as tmp:
+        write_png(tmp, render_predictions(dataset, kept, card.classes))
+    # Last, so a metrics.json never sits beside tables from an older run.
+    write_text(paths.evaluate / METRICS, json.dumps(metrics, indent=2) + "\n")
     log.info(
         "test IoU macro %s (foreground %s), Dice macro %s on %d images",
         summary["iou"]["macro"],

@@ -84,19 +84,17 @@ def manifest_row(sample_id: str, mask: np.ndarray, classes: list[str]) -> dict:
 def _samples(params: IngestParams, classes: list[str], seed: int):
     """The source's ``(id, image, mask)`` stream; only ``synthetic`` exists so far."""
     synth = params.synthetic
-    try:
-        yield from _synthetic.generate(
-            seed=seed,
-            num_images=synth.num_images,
-            num_classes=len(classes),
-            size=synth.image_size,
-            min_objects=synth.min_objects,
-            max_objects=synth.max_objects,
-            noise=synth.noise,
-            class_weights=synth.class_weights,
-        )
-    except ValueError as error:
-        raise SegflowError(f"params.yaml: ingest.synthetic: {error}") from None
+    # tasks/params.py has already checked the class count and weights against the generator.
+    yield from _synthetic.generate(
+        seed=seed,
+        num_images=synth.num_images,
+        num_classes=len(classes),
+        size=synth.image_size,
+        min_objects=synth.min_objects,
+        max_objects=synth.max_objects,
+        noise=synth.noise,
+        class_weights=synth.class_weights,
+    )
 
 
 def run(params: Params, paths: Paths) -> pd.DataFrame:

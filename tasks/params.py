@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, ValidationError, field_validator, model_validator
 
 from tasks._common import SegflowError
 
@@ -40,6 +40,8 @@ Accelerator = Literal["auto", "cpu", "gpu"]
 
 #: Label value for pixels that count towards no class (padding, "void").
 IGNORE_INDEX = 255
+#: Object classes the built-in synthetic source can draw (tasks/_synthetic.py's shapes).
+SYNTHETIC_OBJECT_CLASSES = 6  # a unit test keeps this equal to _synthetic.MAX_OBJECT_CLASSES
 
 
 class ParamsError(SegflowError):
@@ -71,13 +73,15 @@ class SyntheticParams(_Section):
     min_objects: int = Field(2, ge=0)
     max_objects: int = Field(6, ge=1)
     #: Relative frequency of each object class (classes[1:]); imbalance on purpose.
-    class_weights: list[float] | None = None
+    class_weights: list[NonNegativeFloat] | None = None
     noise: float = Field(0.05, ge=0.0, le=1.0)
 
     @model_validator(mode="after")
     def _objects_range(self) -> SyntheticParams:
         if self.min_objects > self.max_objects:
             raise ValueError(f"min_objects ({self.min_objects}) is larger than max_objects ({self.max_objects})")
+        if self.class_weights is not None and not any(self.class_weights):
+            raise ValueError("class_weights are all zero; give at least one object class a positive weight")
         return self
 
 
@@ -133,7 +137,8 @@ class TrainParams(_Section):
     batch_size: int = Field(16, ge=1)
     num_workers: int = Field(0, ge=0)
     accelerator: Accelerator = "auto"
-    devices: int | Literal["auto"] = 1
+    #: Devices (GPUs) to train on. Only 1 so far: see the validator.
+    devices: int = Field(1, ge=1)
     precision: Precision = "auto"
 
     @field_validator("encoder_weights")
@@ -143,6 +148,10 @@ class TrainParams(_Section):
 
     @model_validator(mode="after")
     def _decoder_depth(self) -> TrainParams:
+        if self.devices != 1:
+            # Validation counts are not yet gathered across processes, so each GPU
+            # would checkpoint on its own share of the data: refuse rather than mislead.
+            raise ValueError("training on several devices is not supported yet; set train.devices: 1")
         if self.decoder_channels is not None and len(self.decoder_channels) != self.encoder_depth:
             raise ValueError(
                 f"decoder_channels has {len(self.decoder_channels)} entries but encoder_depth is "
@@ -154,7 +163,7 @@ class TrainParams(_Section):
 class EvaluateParams(_Section):
     batch_size: int = Field(8, ge=1)
     #: How many test images the predictions preview shows.
-    preview_samples: int = Field(6, ge=0, le=64)
+    preview_samples: int = Field(6, ge=1, le=64)
 
 
 class Params(_Section):
@@ -180,13 +189,27 @@ class Params(_Section):
         return value
 
     @model_validator(mode="after")
-    def _synthetic_weights(self) -> Params:
+    def _consistent(self) -> Params:
         weights = self.ingest.synthetic.class_weights
         if weights is not None and len(weights) != len(self.classes) - 1:
             raise ValueError(
                 f"ingest.synthetic.class_weights has {len(weights)} entries; "
                 f"give one per object class ({len(self.classes) - 1}: {self.classes[1:]})"
             )
+        if self.ingest.source == "synthetic" and len(self.classes) - 1 > SYNTHETIC_OBJECT_CLASSES:
+            raise ValueError(
+                f"classes: the synthetic source draws at most {SYNTHETIC_OBJECT_CLASSES} object classes, "
+                f"got {len(self.classes) - 1}; list at most {SYNTHETIC_OBJECT_CLASSES + 1} classes"
+            )
+        # The encoder halves the resolution encoder_depth times; inputs must divide evenly.
+        stride = 2**self.train.encoder_depth
+        for key in ("crop_size", "pad_divisor"):
+            value = getattr(self.augment, key)
+            if value % stride:
+                raise ValueError(
+                    f"augment.{key} is {value}, not a multiple of {stride} (2**train.encoder_depth); "
+                    f"use e.g. {max(stride, round(value / stride) * stride)}"
+                )
         return self
 
 
@@ -194,11 +217,15 @@ def _describe(error: ValidationError, source: Path) -> str:
     """One line per problem, each naming the key, e.g. ``train.lr: ...``."""
     lines = []
     for item in error.errors():
-        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        key = ".".join(str(part) for part in item["loc"])
         if item["type"] == "extra_forbidden":
             lines.append(f"{source}: unknown key '{key}' (misspelt? remove it or fix the name)")
-        else:
-            lines.append(f"{source}: {key}: {item['msg']} (got {item.get('input')!r})")
+            continue
+        message = item["msg"].removeprefix("Value error, ")
+        value = item.get("input")
+        # Cross-key checks see a whole section as their input: their message names the keys.
+        got = "" if isinstance(value, dict) or item["type"] == "value_error" else f" (got {value!r})"
+        lines.append(f"{source}: {key + ': ' if key else ''}{message}{got}")
     return "; ".join(lines)
 
 

@@ -69,10 +69,3 @@ def isbi_or_skip() -> Path:
     if not (ISBI / "images").is_dir():
         pytest.skip(f"ISBI 2012 dataset not found at {ISBI}")
     return ISBI
-
-
-def subprocess_env() -> dict[str, str]:
-    """The current environment with this interpreter's bin folder first on PATH."""
-    env = dict(os.environ)
-    env["PATH"] = os.pathsep.join([str(Path(os.sys.executable).parent), env.get("PATH", "")])
-    return env

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tasks import _model, augment, evaluate, ingest
-from tasks._data import SegmentationDataset, split_rows
+from tasks._data import SegmentationDataset
 from tasks._files import (
     EVAL_PIPELINE,
     METRICS,
@@ -19,6 +19,7 @@ from tasks._files import (
     PREDICTIONS,
     load_transform,
     read_manifest,
+    split_rows,
 )
 
 
@@ -32,7 +33,7 @@ def prepared(tiny_params, tiny_paths):
 def test_perfect_predictions_score_one_and_padding_is_cropped(prepared):
     params, paths = prepared
     rows = split_rows(read_manifest(paths.ingest), "test")
-    dataset = SegmentationDataset(paths.ingest, rows, load_transform(paths.augment / EVAL_PIPELINE), 4)
+    dataset = SegmentationDataset(paths.ingest, rows, load_transform(paths.augment / EVAL_PIPELINE))
     padded = []
     for index in range(len(dataset)):
         truth = torch.from_numpy(dataset.load(index)[1].astype("int64"))

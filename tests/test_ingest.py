@@ -84,7 +84,7 @@ def test_rerun_is_byte_identical(tiny_params, tiny_paths, tmp_path):
 
 def test_crash_leaves_previous_output_intact(tiny_params, tiny_paths, monkeypatch):
     ingest.run(tiny_params, tiny_paths)
-    before = sorted(p.name for p in tiny_paths.ingest.rglob("*"))
+    before = {p.relative_to(tiny_paths.ingest): p.read_bytes() for p in tiny_paths.ingest.rglob("*") if p.is_file()}
 
     real = _synthetic.generate
 
@@ -93,9 +93,11 @@ def test_crash_leaves_previous_output_intact(tiny_params, tiny_paths, monkeypatc
         raise RuntimeError("disk full")
 
     monkeypatch.setattr(_synthetic, "generate", broken)
+    # Another seed: the interrupted run's first images differ from the ones on disk.
     with pytest.raises(RuntimeError, match="disk full"):
-        ingest.run(tiny_params, tiny_paths)
-    assert sorted(p.name for p in tiny_paths.ingest.rglob("*")) == before
+        ingest.run(tiny_params.model_copy(update={"seed": tiny_params.seed + 1}), tiny_paths)
+    after = {p.relative_to(tiny_paths.ingest): p.read_bytes() for p in tiny_paths.ingest.rglob("*") if p.is_file()}
+    assert after == before
     assert not [p for p in tiny_paths.ingest.parent.iterdir() if ".tmp-" in p.name], "no temporary left behind"
 
 

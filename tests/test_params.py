@@ -34,6 +34,13 @@ def test_project_params_file_is_valid_and_complete():
         ({"classes": ["a", "b", "a"]}, "repeat"),
         ({"ingest": {"synthetic": {"class_weights": [1, 2]}}}, "one per object class (3"),
         ({"ingest": {"synthetic": {"min_objects": 5, "max_objects": 2}}}, "min_objects"),
+        ({"ingest": {"synthetic": {"class_weights": [1, -1, 1]}}}, "ingest.synthetic.class_weights.1"),
+        ({"ingest": {"synthetic": {"class_weights": [0, 0, 0]}}}, "all zero"),
+        ({"classes": ["bg", *"abcdefg"]}, "at most 6 object classes"),
+        ({"augment": {"crop_size": 100}}, "augment.crop_size is 100, not a multiple of 32"),
+        ({"train": {"encoder_depth": 3}, "augment": {"pad_divisor": 4}}, "augment.pad_divisor is 4"),
+        ({"train": {"devices": 2}}, "set train.devices: 1"),
+        ({"evaluate": {"preview_samples": 0}}, "evaluate.preview_samples"),
     ],
 )
 def test_bad_params_are_rejected_by_name(data, expected):
@@ -42,6 +49,8 @@ def test_bad_params_are_rejected_by_name(data, expected):
     message = str(info.value)
     assert expected in message
     assert "\n" not in message
+    # A cross-key check names its keys; it does not dump the whole section it saw.
+    assert "{'" not in message and "Value error" not in message
 
 
 def test_all_problems_reported_at_once():
@@ -71,6 +80,13 @@ def test_encoder_weights_null_spellings_mean_random_init():
 def test_arch_choices_match_smp():
     # If smp adds or renames an architecture, the Literal must follow.
     assert {a.lower() for a in Arch.__args__} == set(smp.MODEL_ARCHITECTURES_MAPPING)
+
+
+def test_synthetic_class_limit_matches_the_generator():
+    from tasks import _synthetic
+    from tasks.params import SYNTHETIC_OBJECT_CLASSES
+
+    assert SYNTHETIC_OBJECT_CLASSES == _synthetic.MAX_OBJECT_CLASSES
 
 
 def test_paths_reroot(tmp_path):

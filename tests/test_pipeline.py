@@ -8,34 +8,26 @@ params change that reruns only the stage it affects, then a failing stage.
 
 from __future__ import annotations
 
-import copy
 import json
-import shutil
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 import yaml
 
-from tests.conftest import ROOT, TINY, subprocess_env
+from bench._util import fresh_project, merge
+from flows.pipeline import stage_env
+from flows.server import local_server
+from tests.conftest import TINY
 
 STAGES = ["ingest", "augment", "train", "evaluate"]
 BIN = Path(sys.executable).parent
 
 
-def _merge(base: dict, override: dict) -> dict:
-    merged = copy.deepcopy(base)
-    for key, value in override.items():
-        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and key in merged else value
-    return merged
-
-
 def _run(cmd: list[str], cwd: Path, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=cwd, env=env or subprocess_env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=cwd, env=env or stage_env(), capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -52,73 +44,29 @@ def _ran(output: str) -> list[str]:
 
 def _set_params(project: Path, override: dict) -> None:
     path = project / "params.yaml"
-    path.write_text(yaml.safe_dump(_merge(yaml.safe_load(path.read_text()), override), sort_keys=False))
+    path.write_text(yaml.safe_dump(merge(yaml.safe_load(path.read_text()), override), sort_keys=False))
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     """A committed git + DVC project: this repo's tasks/, dvc.yaml and DVC config, tiny params."""
-    root = tmp_path_factory.mktemp("project")
-    shutil.copytree(ROOT / "tasks", root / "tasks", ignore=shutil.ignore_patterns("__pycache__"))
-    (root / ".dvc").mkdir()
-    for name in ("dvc.yaml", ".dvcignore", ".gitignore", ".dvc/config", ".dvc/.gitignore"):
-        shutil.copy2(ROOT / name, root / name)
-    full = yaml.safe_load((ROOT / "params.yaml").read_text())
-    (root / "params.yaml").write_text(yaml.safe_dump(_merge(full, TINY), sort_keys=False))
-    env = subprocess_env()
-    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t.invalid", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
-    _run(["git", "init", "-q", "-b", "main"], root, env)
-    _run(["git", "add", "-A"], root, env)
-    _run(["git", "commit", "-qm", "tiny segflow project"], root, env)
-    return root
+    return fresh_project(tmp_path_factory.mktemp("project") / "project", TINY)
 
 
 @pytest.fixture(scope="module")
 def prefect_api(tmp_path_factory) -> str:
     """A real Prefect server on 127.0.0.1 (own home and database), stopped after the module."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = subprocess_env()
-    env.update(
-        PREFECT_HOME=str(tmp_path_factory.mktemp("prefect-server")),
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PREFECT_UI_ENABLED="false",
-    )
-    log = (tmp_path_factory.mktemp("prefect-log") / "server.log").open("w")
-    server = subprocess.Popen(
-        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    api = f"http://127.0.0.1:{port}/api"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(f"{api}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                log.flush()
-                pytest.fail(f"Prefect server did not start:\n{Path(log.name).read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield api
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
+        with local_server(tmp_path_factory.mktemp("prefect-server")) as api:
+            yield api
+    except RuntimeError as error:
+        pytest.fail(str(error))
 
 
 def _segflow(project: Path, api: str, *args: str) -> subprocess.CompletedProcess:
-    env = subprocess_env()
-    env["PREFECT_API_URL"] = api
-    return _run([str(BIN / "segflow"), "--root", str(project), "run", *args], project, env, check=False)
+    return _run(
+        [str(BIN / "segflow"), "--root", str(project), "run", *args], project, stage_env(PREFECT_API_URL=api), False
+    )
 
 
 def test_dvc_repro_runs_the_whole_pipeline_then_nothing(project):

@@ -94,11 +94,24 @@ def test_local_encoder_weights_are_loaded(tmp_path):
     assert torch.equal(model.encoder.conv1.weight, source.encoder.conv1.weight)
 
 
+def test_partly_fitting_weights_load_with_a_warning(tmp_path, caplog):
+    source = _model.build(SMALL, num_classes=2)
+    state = {k: v.contiguous() for k, v in source.encoder.state_dict().items() if k.startswith("conv1")}
+    state["bn1.weight"] = torch.zeros(5)  # wrong shape
+    weights = tmp_path / "part.safetensors"
+    save_file(state, weights)
+    model = _model.build(SMALL.model_copy(update={"encoder_weights": str(weights)}), num_classes=2)
+    assert torch.equal(model.encoder.conv1.weight, source.encoder.conv1.weight)
+    assert "only 1 of the encoder's" in caplog.text and "1 shape mismatches" in caplog.text
+
+
 def test_weight_problems_are_clear_errors(tmp_path):
     with pytest.raises(SegflowError, match="does not exist"):
         _model.build(SMALL.model_copy(update={"encoder_weights": str(tmp_path / "nope.pth")}), 2)
     with pytest.raises(SegflowError, match="set it to null for random initialisation"):
         _model.build(SMALL.model_copy(update={"encoder_weights": "imagenet"}), 2)  # hub, offline
+    with pytest.raises(SegflowError, match=r"Wrong pretrained weights `imagnet`.*'imagenet'"):
+        _model.build(SMALL.model_copy(update={"encoder_weights": "imagnet"}), 2)  # a typo, not the network
     alien = tmp_path / "alien.safetensors"
     save_file({"foo.weight": torch.zeros(3)}, alien)
     with pytest.raises(SegflowError, match="none of its 1 tensors fit"):
@@ -112,9 +125,15 @@ def test_model_option_mistakes_are_clear_errors():
         _model.build(SMALL.model_copy(update={"arch": "FPN"}), 2)
 
 
-def test_precision_auto_is_fp32_on_cpu():
+def test_precision_auto_is_fp32_on_cpu_and_mixed_on_gpu(monkeypatch):
     assert train.resolve_precision("auto", "cpu") == "32-true"
     assert train.resolve_precision("16-mixed", "gpu") == "16-mixed"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert train.resolve_precision("auto", "auto") == "bf16-mixed"
+    assert train.resolve_precision("auto", "cpu") == "32-true"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert train.resolve_precision("auto", "gpu") == "16-mixed"
 
 
 def test_stage_run_writes_model_and_metrics(tiny_params, tiny_paths):
