@@ -197,7 +197,9 @@ def save(model: torch.nn.Module, card: ModelCard, preprocess: Path, out: Path) -
     """Write weights, card and preprocessing into ``out`` atomically (all or nothing)."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_dir(out) as tmp:
-        save_file(state, tmp / card.weights, metadata={"format": "pt", "card": CARD_FORMAT})
+        # One metadata key only: safetensors writes several in a random order, which
+        # would give the same weights a new hash (and DVC a new output) on every run.
+        save_file(state, tmp / card.weights, metadata={"format": "pt"})
         shutil.copyfile(preprocess, tmp / card.preprocess)
         (tmp / CARD).write_text(card.model_dump_json(indent=2) + "\n", encoding="utf-8")
 

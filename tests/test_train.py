@@ -78,6 +78,12 @@ def test_save_and_load_round_trip(tmp_path):
     with torch.no_grad():
         assert torch.equal(model(x), loaded(x))
     assert not (tmp_path / "model" / "model.safetensors").read_bytes().startswith(b"\x80"), "no pickle"
+    # The same model saves to the same bytes, so DVC sees an unchanged output as unchanged.
+    for attempt in range(3):
+        _model.save(model, card, preprocess, tmp_path / f"again{attempt}")
+        assert (tmp_path / f"again{attempt}" / "model.safetensors").read_bytes() == (
+            tmp_path / "model" / "model.safetensors"
+        ).read_bytes()
 
 
 def test_local_encoder_weights_are_loaded(tmp_path):
