@@ -1,0 +1,59 @@
+"""The flow's helpers: stopping a stage, reporting its failure, the headline."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections import deque
+
+from flows.pipeline import _failure_reason, _stop, headline
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped by its parent) counts as gone.
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().split(") ", 1)[1][0] != "Z"
+
+
+def test_stop_ends_the_stage_and_what_it_started(tmp_path):
+    # Like DVC: a shell running the stage's command, which ignores SIGTERM on the shell.
+    pidfile = tmp_path / "child.pid"
+    proc = subprocess.Popen(
+        ["sh", "-c", f"sleep 300 & echo $! > {pidfile}; wait"],
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 10
+    while not pidfile.exists() or not pidfile.read_text().strip():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    child = int(pidfile.read_text())
+    _stop(proc)
+    assert proc.poll() is not None
+    deadline = time.monotonic() + 10
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(child), "the stage's own process outlived the cancel"
+
+
+def test_failure_reason_prefers_the_stages_own_error():
+    lines = deque(["Running stage 'train':", "segflow train: error: train.encoder: unknown encoder", "ERROR: failed"])
+    assert (
+        _failure_reason("train", lines, 2)
+        == "stage 'train' failed: segflow train: error: train.encoder: unknown encoder"
+    )
+    assert _failure_reason("x", deque(["boom"]), 1) == "stage 'x' failed with exit code 1: boom"
+
+
+def test_headline_counts_only_scored_classes():
+    metrics = {
+        "images": 3,
+        "iou": {"macro": 0.5, "per_class": {"bg": 0.9, "a": 0.1, "b": None}},
+        "dice": {"macro": 0.6, "per_class": {"bg": 0.95, "a": 0.2, "b": None}},
+    }
+    line = headline(metrics)
+    assert "macro over 2 classes" in line and "b " not in line and "on 3 images" in line
