@@ -68,20 +68,24 @@ def write_text(path: Path, text: str) -> None:
 
 
 def write_png(path: Path, array: np.ndarray) -> None:
-    """Write ``(H, W)`` or ``(H, W, 3)`` uint8 as PNG (lossless, so masks stay exact)."""
+    """Write ``(H, W)``, ``(H, W, 1)`` or ``(H, W, 3)`` uint8 as PNG (lossless, so masks stay exact)."""
     if array.dtype != np.uint8:
         raise TypeError(f"write_png wants uint8, got {array.dtype}")
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[..., 0]
     Image.fromarray(array).save(path, format="PNG")
 
 
 def read_image(path: Path) -> np.ndarray:
-    """Read an image as RGB.
+    """Read an image ingest wrote: grayscale stays one channel, anything else is RGB.
 
     Returns:
-        (H, W, 3) uint8.
+        (H, W, 1) or (H, W, 3) uint8.
     """
     try:
         with Image.open(path) as img:
+            if img.mode == "L":
+                return np.asarray(img)[..., None]
             return np.asarray(img.convert("RGB"))
     except (OSError, ValueError) as error:
         raise SegflowError(f"{path}: cannot read image ({error}); replace or remove the file") from None

@@ -16,7 +16,7 @@ from tasks._common import SegflowError, read_image, read_mask
 class SegmentationDataset(Dataset):
     """Samples from ingest's layout, each passed through an albumentations pipeline.
 
-    Items are ``(image (3, H, W) float32, mask (H, W) int64, index)``.
+    Items are ``(image (C, H, W) float32, mask (H, W) int64, index)``.
     """
 
     def __init__(self, root: Path, rows: pd.DataFrame, transform: A.Compose):
@@ -28,7 +28,7 @@ class SegmentationDataset(Dataset):
         return len(self.rows)
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """The untransformed sample: (H, W, 3) uint8 image, (H, W) uint8 mask."""
+        """The untransformed sample: (H, W, C) uint8 image, (H, W) uint8 mask."""
         row = self.rows.iloc[index]
         image, mask = read_image(self.root / row["image"]), read_mask(self.root / row["mask"])
         if image.shape[:2] != mask.shape:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-import albumentations as A
 import pandas as pd
 
 from tasks._common import SegflowError
@@ -18,6 +17,8 @@ from tasks._common import SegflowError
 MANIFEST = "manifest.csv"
 IMAGES = "images"
 MASKS = "masks"
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
 # ${paths.augment}/
 TRAIN_PIPELINE = "train.json"
 EVAL_PIPELINE = "eval.json"
@@ -41,9 +42,23 @@ def read_manifest(ingest_dir: Path) -> pd.DataFrame:
     path = Path(ingest_dir) / MANIFEST
     if not path.is_file():
         raise SegflowError(f"{path}: not found; run the ingest stage first (dvc repro ingest)")
-    manifest = pd.read_csv(path, dtype={"id": str, "split": str})
+    manifest = pd.read_csv(path, dtype={"id": str, "split": str, "group": str}, keep_default_na=False)
     manifest.attrs["path"] = str(path)  # for error messages about its contents
     return manifest
+
+
+def image_channels(manifest: pd.DataFrame) -> int:
+    """The channel count of the dataset's images (ingest makes them agree).
+
+    Raises:
+        SegflowError: the manifest mixes channel counts (written by something other than ingest).
+    """
+    counts = sorted(set(manifest["channels"].tolist())) if "channels" in manifest else [3]
+    if len(counts) != 1:
+        raise SegflowError(
+            f"{manifest.attrs.get('path', MANIFEST)}: images have {counts} channels; rerun dvc repro ingest"
+        )
+    return int(counts[0])
 
 
 def split_rows(manifest: pd.DataFrame, split: str, *, required: bool = True) -> pd.DataFrame:
@@ -63,12 +78,18 @@ def split_rows(manifest: pd.DataFrame, split: str, *, required: bool = True) -> 
     return rows
 
 
-def load_transform(path: Path, seed: int | None = None) -> A.Compose:
+def load_transform(path: Path, seed: int | None = None):
     """Load a pipeline the augment stage saved; ``A.save`` drops the seed, so set it again.
+
+    Returns:
+        albumentations.Compose.
 
     Raises:
         SegflowError: the file is missing or is not an albumentations pipeline.
     """
+    # Imported here: albumentations imports torch (seconds), which ingest never needs.
+    import albumentations as A
+
     path = Path(path)
     if not path.is_file():
         raise SegflowError(f"{path}: not found; run the augment stage first (dvc repro augment)")

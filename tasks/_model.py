@@ -42,11 +42,12 @@ class ModelCard(BaseModel):
     encoder: str
     encoder_depth: int
     decoder_channels: list[int] | None = None
+    #: 1 (grayscale) or 3 (RGB), as the training data had.
     in_channels: int = 3
     classes: list[str]
-    #: Images are RGB uint8, scaled to 0-1, then normalised with mean/std.
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    #: Images are uint8 with ``in_channels`` channels, scaled to 0-1, then normalised with mean/std (per channel).
+    mean: list[float]
+    std: list[float]
     #: Height and width must divide by this; pad (bottom/right) first, crop predictions back.
     pad_divisor: int
     #: The square crop size training saw.
@@ -73,17 +74,19 @@ def create(
     decoder_channels: list[int] | None,
     num_classes: int,
     hub_weights: str | None = None,
+    in_channels: int = 3,
 ):
     """``smp.create_model``, its failures turned into one-line errors.
 
     Args:
         hub_weights: a pretrained-weights name smp fetches from the model hub
             ("imagenet"); None for random initialisation.
+        in_channels: image channels (1 for grayscale, 3 for RGB).
 
     Returns:
-        torch.nn.Module mapping (N, 3, H, W) float32 to logits (N, num_classes, H, W).
+        torch.nn.Module mapping (N, in_channels, H, W) float32 to logits (N, num_classes, H, W).
     """
-    kwargs = {"encoder_depth": encoder_depth}
+    kwargs = {"encoder_depth": encoder_depth, "in_channels": in_channels}
     if decoder_channels is not None:
         # Several archs take **kwargs and would silently ignore an option they do not have.
         accepted = inspect.signature(smp.MODEL_ARCHITECTURES_MAPPING[arch.lower()].__init__).parameters
@@ -167,7 +170,7 @@ def load_encoder_weights(model: torch.nn.Module, source: str) -> None:
         log.info("loaded all %d encoder tensors from %s", len(own), path)
 
 
-def build(params: TrainParams, num_classes: int) -> torch.nn.Module:
+def build(params: TrainParams, num_classes: int, in_channels: int = 3) -> torch.nn.Module:
     """The model ``params`` describe: random init, local weights, or a hub name smp knows.
 
     A hub name only works where the hub is reachable or its files are already
@@ -187,6 +190,7 @@ def build(params: TrainParams, num_classes: int) -> torch.nn.Module:
         params.decoder_channels,
         num_classes,
         hub_weights=None if local else weights,
+        in_channels=in_channels,
     )
     if local:
         load_encoder_weights(model, weights)
@@ -223,7 +227,14 @@ def read_card(model_dir: Path) -> ModelCard:
 def load(model_dir: Path) -> tuple[torch.nn.Module, ModelCard]:
     """Rebuild a saved model with its weights, in eval mode on the CPU."""
     card = read_card(model_dir)
-    model = create(card.arch, card.encoder, card.encoder_depth, card.decoder_channels, len(card.classes))
+    model = create(
+        card.arch,
+        card.encoder,
+        card.encoder_depth,
+        card.decoder_channels,
+        len(card.classes),
+        in_channels=card.in_channels,
+    )
     weights = Path(model_dir) / card.weights
     try:
         model.load_state_dict(load_file(weights), strict=True)

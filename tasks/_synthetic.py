@@ -14,6 +14,7 @@ so it is the same whatever ``num_images`` is.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
@@ -131,6 +132,82 @@ def make_scene(
     return (np.clip(image, 0, 1) * 255).round().astype(np.uint8), mask
 
 
+def _weights(num_classes: int, class_weights: list[float] | None) -> np.ndarray:
+    num_object_classes = num_classes - 1
+    if not 1 <= num_object_classes <= MAX_OBJECT_CLASSES:
+        raise ValueError(
+            f"the synthetic source draws 1 to {MAX_OBJECT_CLASSES} object classes, "
+            f"but classes lists {num_object_classes}"
+        )
+    weights = np.asarray(class_weights or _DEFAULT_WEIGHTS[:num_object_classes], dtype=np.float64)
+    if (weights < 0).any() or weights.sum() <= 0:
+        raise ValueError(f"class_weights must be non-negative and not all zero, got {list(weights)}")
+    return weights / weights.sum()
+
+
+@dataclass(frozen=True)
+class SyntheticItem:
+    """One demo scene to render: a pure function of the seed and its index (cheap to send to a worker)."""
+
+    id: str
+    index: int
+    seed: int
+    num_classes: int
+    size: int
+    min_objects: int
+    max_objects: int
+    noise: float
+    class_weights: tuple[float, ...]
+    split: None = None
+
+    @property
+    def image_name(self) -> str:
+        return f"synthetic:{self.id}"
+
+    mask_name = image_name
+
+    def read(self, *_) -> tuple[np.ndarray, np.ndarray, dict]:
+        """Render the scene: image (H, W, 3) uint8, mask (H, W) uint8 class ids, provenance."""
+        rng = np.random.default_rng([self.seed, self.index])
+        image, mask = make_scene(
+            rng,
+            self.size,
+            self.num_classes - 1,
+            np.asarray(self.class_weights),
+            self.min_objects,
+            self.max_objects,
+            self.noise,
+        )
+        provenance = {"source_image": self.image_name, "source_mask": self.mask_name}
+        return image, mask, provenance | {"sha256_image": "", "sha256_mask": ""}  # no source files
+
+
+def items(
+    seed: int,
+    num_images: int,
+    num_classes: int,
+    size: int,
+    min_objects: int,
+    max_objects: int,
+    noise: float,
+    class_weights: list[float] | None = None,
+) -> list[SyntheticItem]:
+    """The demo dataset's scenes, as work items for the ingest stage.
+
+    Args:
+        num_classes: classes including background (so ``num_classes - 1`` object classes).
+        class_weights: relative frequency per object class; defaults favour the first classes.
+
+    Raises:
+        ValueError: more object classes than the generator has kinds of object.
+    """
+    weights = tuple(float(w) for w in _weights(num_classes, class_weights))
+    return [
+        SyntheticItem(f"synth_{i:05d}", i, seed, num_classes, size, min_objects, max_objects, noise, weights)
+        for i in range(num_images)
+    ]
+
+
 def generate(
     seed: int,
     num_images: int,
@@ -141,26 +218,7 @@ def generate(
     noise: float,
     class_weights: list[float] | None = None,
 ) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
-    """Yield ``(sample_id, image, mask)`` for the demo dataset.
-
-    Args:
-        num_classes: classes including background (so ``num_classes - 1`` object classes).
-        class_weights: relative frequency per object class; defaults favour the first classes.
-
-    Raises:
-        ValueError: more object classes than the generator has kinds of object.
-    """
-    num_object_classes = num_classes - 1
-    if not 1 <= num_object_classes <= MAX_OBJECT_CLASSES:
-        raise ValueError(
-            f"the synthetic source draws 1 to {MAX_OBJECT_CLASSES} object classes, "
-            f"but classes lists {num_object_classes}"
-        )
-    weights = np.asarray(class_weights or _DEFAULT_WEIGHTS[:num_object_classes], dtype=np.float64)
-    if (weights < 0).any() or weights.sum() <= 0:
-        raise ValueError(f"class_weights must be non-negative and not all zero, got {list(weights)}")
-    weights = weights / weights.sum()
-    for index in range(num_images):
-        rng = np.random.default_rng([seed, index])
-        image, mask = make_scene(rng, size, num_object_classes, weights, min_objects, max_objects, noise)
-        yield f"synth_{index:05d}", image, mask
+    """Yield ``(sample_id, image, mask)`` for the demo dataset (see :func:`items`)."""
+    for item in items(seed, num_images, num_classes, size, min_objects, max_objects, noise, class_weights):
+        image, mask, _ = item.read()
+        yield item.id, image, mask

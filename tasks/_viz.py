@@ -26,6 +26,13 @@ def palette(num_classes: int) -> np.ndarray:
     return colours
 
 
+def as_rgb(image: np.ndarray) -> np.ndarray:
+    """(H, W), (H, W, 1) or (H, W, 3) uint8 as (H, W, 3), for pictures."""
+    if image.ndim == 2:
+        image = image[..., None]
+    return np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image
+
+
 def colourize(mask: np.ndarray, num_classes: int) -> np.ndarray:
     """(H, W) class ids to (H, W, 3) uint8 colours."""
     return palette(num_classes)[mask]

@@ -17,19 +17,31 @@ import numpy as np
 
 from tasks import _viz
 from tasks._common import atomic_path, read_image, read_mask, stage_main, write_png
-from tasks._files import AUGMENT_PREVIEW, EVAL_PIPELINE, TRAIN_PIPELINE, load_transform, read_manifest, split_rows
+from tasks._files import (
+    AUGMENT_PREVIEW,
+    EVAL_PIPELINE,
+    TRAIN_PIPELINE,
+    image_channels,
+    load_transform,
+    read_manifest,
+    split_rows,
+)
 from tasks.params import IGNORE_INDEX, AugmentParams, Params, Paths
 
 log = logging.getLogger(__name__)
 
 
-def build_train_transform(params: AugmentParams, seed: int) -> A.Compose:
+def build_train_transform(params: AugmentParams, seed: int, channels: int = 3) -> A.Compose:
     """Random crops, flips, small affine warps, photometric jitter, then normalisation.
 
     Geometric transforms move image and mask together; anything they pad is
     labelled ``IGNORE_INDEX`` so it counts towards no class.
+
+    Args:
+        channels: the images' channel count (1 or 3), for the normalisation.
     """
     size = params.crop_size
+    mean, std = params.normalize.for_channels(channels)
     pad = {"border_mode": cv2.BORDER_CONSTANT, "fill": 0, "fill_mask": IGNORE_INDEX}
     return A.Compose(
         [
@@ -45,17 +57,18 @@ def build_train_transform(params: AugmentParams, seed: int) -> A.Compose:
                 p=params.brightness_contrast,
             ),
             A.GaussNoise(std_range=(0.02, 0.06), p=params.gauss_noise),
-            A.Normalize(mean=params.normalize.mean, std=params.normalize.std),
+            A.Normalize(mean=mean, std=std),
         ],
         seed=seed,
     )
 
 
-def build_eval_transform(params: AugmentParams) -> A.Compose:
+def build_eval_transform(params: AugmentParams, channels: int = 3) -> A.Compose:
     """Deterministic: pad bottom/right to a multiple of the model stride, normalise.
 
     Padding sits at the bottom-right so predictions crop back with ``[:H, :W]``.
     """
+    mean, std = params.normalize.for_channels(channels)
     return A.Compose(
         [
             A.PadIfNeeded(
@@ -68,7 +81,7 @@ def build_eval_transform(params: AugmentParams) -> A.Compose:
                 fill=0,
                 fill_mask=IGNORE_INDEX,
             ),
-            A.Normalize(mean=params.normalize.mean, std=params.normalize.std),
+            A.Normalize(mean=mean, std=std),
         ]
     )
 
@@ -77,13 +90,12 @@ def denormalize(image: np.ndarray, params: AugmentParams) -> np.ndarray:
     """Undo ``Normalize`` for display.
 
     Args:
-        image: (H, W, 3) float32, normalised.
+        image: (H, W, C) float32, normalised.
 
     Returns:
-        (H, W, 3) uint8.
+        (H, W, C) uint8.
     """
-    mean = np.asarray(params.normalize.mean, dtype=np.float32)
-    std = np.asarray(params.normalize.std, dtype=np.float32)
+    mean, std = (np.asarray(v, dtype=np.float32) for v in params.normalize.for_channels(image.shape[-1]))
     return (np.clip(image * std + mean, 0, 1) * 255).round().astype(np.uint8)
 
 
@@ -93,7 +105,7 @@ def render_preview(
     """Show each sample before and after augmentation, each with its mask.
 
     Args:
-        samples: (image (H, W, 3) uint8, mask (H, W) uint8) pairs.
+        samples: (image (H, W, C) uint8, mask (H, W) uint8) pairs.
 
     Returns:
         (H', W', 3) uint8 picture.
@@ -106,9 +118,9 @@ def render_preview(
         after = transform(image=image, mask=mask)
         rows.append(
             [
-                before["image"],
+                _viz.as_rgb(before["image"]),
                 _viz.colourize(before["mask"], len(classes)),
-                denormalize(after["image"], params),
+                _viz.as_rgb(denormalize(after["image"], params)),
                 _viz.colourize(after["mask"], len(classes)),
             ]
         )
@@ -118,13 +130,14 @@ def render_preview(
 def run(params: Params, paths: Paths) -> None:
     """Save both pipelines and the preview under ``paths.augment``."""
     cfg = params.augment
-    train = build_train_transform(cfg, params.seed)
+    manifest = read_manifest(paths.ingest)
+    channels = image_channels(manifest)
+    train = build_train_transform(cfg, params.seed, channels)
     paths.augment.mkdir(parents=True, exist_ok=True)
-    for name, transform in ((TRAIN_PIPELINE, train), (EVAL_PIPELINE, build_eval_transform(cfg))):
+    for name, transform in ((TRAIN_PIPELINE, train), (EVAL_PIPELINE, build_eval_transform(cfg, channels))):
         with atomic_path(paths.augment / name) as tmp:
             A.save(transform, str(tmp), data_format="json")
 
-    manifest = read_manifest(paths.ingest)
     chosen = split_rows(manifest, "train").head(cfg.preview_samples)
     samples = [(read_image(paths.ingest / r.image), read_mask(paths.ingest / r.mask)) for r in chosen.itertuples()]
     # The preview draws from its own copy so it never depends on, or shifts, training's random stream.

@@ -86,6 +86,7 @@ def render_predictions(dataset: SegmentationDataset, kept: dict[int, np.ndarray]
     for index in sorted(kept):
         image, mask = dataset.load(index)
         pred = kept[index]
+        image = _viz.as_rgb(image)
         errors = np.where(((pred != mask) & (mask != IGNORE_INDEX))[..., None], (255, 40, 40), (image // 3)).astype(
             np.uint8
         )

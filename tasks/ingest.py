@@ -1,36 +1,60 @@
-"""Stage ``ingest``: bring the dataset into the project's layout.
+"""Stage ``ingest``: bring a dataset into the project's layout, checked and normalised.
 
-Writes ``${paths.ingest}/``:
-- ``images/<id>.png``: RGB images,
-- ``masks/<id>.png``: one-channel class-index masks (0 = ``classes[0]``),
-- ``manifest.csv``: one row per sample (id, split, size, file names, per-class
-  pixel counts), the table every later stage reads.
+Sources (``ingest.source``): ``synthetic``, the built-in demo scenes, and
+``folder``, the user's images and masks in a folder or an archive at
+``ingest.path`` (see :mod:`tasks._folder` for the layouts). Each source yields
+work items; this stage decodes them in parallel worker processes (a bounded
+number in flight), validates them (:mod:`tasks._checks` holds every rule),
+normalises them and writes ``${paths.ingest}/``, all at once or not at all:
 
-The split is a function of each sample's id and the seed alone (a hash), so
-adding images never moves an existing image to another split.
+- ``images/<id>.png``: 8-bit images, one channel (grayscale) or three (RGB);
+- ``masks/<id>.png``: one-channel class ids (0 = ``classes[0]``, 255 = ignore);
+- ``manifest.csv``: one row per sample: id, split, group, size, channels,
+  file names, source files and their sha256, pixels per class;
+- ``report.json`` / ``report.md``: counts and class shares per split, image
+  sizes, and every problem found with what was done about it.
+
+With ``layout: paired`` the split is a seeded hash of each sample's id (or of
+its ``ingest.group``), so adding images never moves an existing one; with
+``split_folders`` the dataset's own split is kept. The user's files are only read.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import multiprocessing
+import re
+import shutil
+import sys
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from PIL import Image
 
-from tasks import _synthetic
+from tasks import _archive, _folder, _report, _synthetic
+from tasks._checks import Problem, Problems
 from tasks._common import SegflowError, atomic_dir, stage_main, write_png
-from tasks._files import IMAGES, MANIFEST, MASKS
-from tasks.params import IngestParams, Params, Paths
+from tasks._decode import MaskEncoding
+from tasks._files import IMAGES, MANIFEST, MASKS, REPORT_JSON, REPORT_MD
+from tasks.params import IGNORE_INDEX, IngestParams, Params, Paths
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+# fork starts a worker in milliseconds with everything already imported; the stage runs no threads
+# that a fork could copy mid-lock. Elsewhere (macOS, Windows) spawn is the safe default.
+_START_METHOD = "fork" if sys.platform == "linux" else "spawn"
 
 
-def split_of(sample_id: str, seed: int, val_fraction: float, test_fraction: float) -> str:
-    """The split of one sample: a seeded hash of its id, cut at the fractions."""
-    digest = hashlib.sha256(f"{seed}:{sample_id}".encode()).digest()
+def split_of(key: str, seed: int, val_fraction: float, test_fraction: float) -> str:
+    """The split of one sample (or group): a seeded hash of its key, cut at the fractions."""
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
     u = int.from_bytes(digest[:8], "big") / 2**64
     if u < test_fraction:
         return "test"
@@ -39,95 +63,283 @@ def split_of(sample_id: str, seed: int, val_fraction: float, test_fraction: floa
     return "train"
 
 
-def assign_splits(ids: list[str], seed: int, val_fraction: float, test_fraction: float) -> list[str]:
-    """Split every id; fail when a split that was asked for comes out empty.
+def assign_splits(keys: list[str], seed: int, val_fraction: float, test_fraction: float) -> list[str]:
+    """Split every key; fail when a split that was asked for comes out empty.
 
     Raises:
         SegflowError: a requested split (fraction > 0) got no samples.
     """
-    splits = [split_of(i, seed, val_fraction, test_fraction) for i in ids]
+    splits = [split_of(k, seed, val_fraction, test_fraction) for k in keys]
     wanted = {"train": 1.0, "val": val_fraction, "test": test_fraction}
     for name, fraction in wanted.items():
         if fraction > 0 and name not in splits:
             raise SegflowError(
-                f"split '{name}' got none of the {len(ids)} images "
+                f"split '{name}' got none of the {len(keys)} images "
                 f"(ingest.val_fraction={val_fraction}, ingest.test_fraction={test_fraction}); "
                 "add images or raise that fraction"
             )
     return splits
 
 
-def manifest_row(sample_id: str, mask: np.ndarray, classes: list[str]) -> dict:
-    """The manifest fields of one sample; pixel counts per class name.
+def group_of(sample_id: str, pattern: str | None, name: str) -> str:
+    """The key that decides a sample's split: its ``ingest.group`` match, or its own id.
 
-    Args:
-        mask: (H, W) uint8 class ids.
+    Raises:
+        Problem: the id does not match the pattern.
     """
-    counts = np.bincount(mask.ravel(), minlength=len(classes))
-    if counts.size > len(classes):
-        bad = int(np.flatnonzero(counts[len(classes) :])[0]) + len(classes)
-        raise SegflowError(
-            f"{sample_id}: mask holds class id {bad} but classes lists only {len(classes)}; "
-            "extend classes in params.yaml or fix the mask"
-        )
-    row = {
-        "id": sample_id,
-        "height": mask.shape[0],
-        "width": mask.shape[1],
-        "image": f"{IMAGES}/{sample_id}.png",
-        "mask": f"{MASKS}/{sample_id}.png",
-    }
-    row.update({f"px_{name}": int(count) for name, count in zip(classes, counts, strict=True)})
+    if pattern is None:
+        return sample_id
+    found = re.search(pattern, sample_id)
+    if not found:
+        raise Problem("group_mismatch", name, pattern=pattern)
+    if "group" in found.re.groupindex:
+        return found.group("group")
+    return found.group(1) if found.re.groups else found.group(0)
+
+
+def class_counts(mask: np.ndarray, classes: list[str]) -> dict:
+    """Pixels per class name, and ignored pixels, of one (H, W) uint8 class-id mask."""
+    counts = np.bincount(mask.ravel(), minlength=256)
+    row = {f"px_{name}": int(count) for name, count in zip(classes, counts, strict=False)}
+    row["px_ignored"] = int(counts[IGNORE_INDEX])
     return row
 
 
-def _samples(params: IngestParams, classes: list[str], seed: int):
-    """The source's ``(id, image, mask)`` stream; only ``synthetic`` exists so far."""
-    synth = params.synthetic
-    # tasks/params.py has already checked the class count and weights against the generator.
-    yield from _synthetic.generate(
-        seed=seed,
-        num_images=synth.num_images,
-        num_classes=len(classes),
-        size=synth.image_size,
-        min_objects=synth.min_objects,
-        max_objects=synth.max_objects,
-        noise=synth.noise,
-        class_weights=synth.class_weights,
-    )
+@dataclass(frozen=True)
+class _Job:
+    """What every worker needs besides its item."""
+
+    out: Path
+    classes: tuple[str, ...]
+    encoding: MaskEncoding
+    channels: str | int
+    max_pixels: int
+    scale_16bit: str
+
+
+def _ingest_one(item, job: _Job) -> dict | Problem:
+    """Read, check, normalise and write one sample (runs in a worker process).
+
+    Returns:
+        Its manifest row, or the problem that rules it out.
+    """
+    try:
+        image, raw_mask, provenance = item.read(job.max_pixels, job.scale_16bit, job.encoding.palette is not None)
+        if image.shape[:2] != raw_mask.shape[:2]:
+            (ih, iw), (mh, mw) = image.shape[:2], raw_mask.shape[:2]
+            raise Problem(
+                "size_mismatch", item.mask_name, mask_size=f"{mw}x{mh}", image=item.image_name, image_size=f"{iw}x{ih}"
+            )
+        mask = job.encoding.encode(raw_mask, item.mask_name)
+    except Problem as problem:
+        return problem
+    if job.channels == 3 and image.shape[2] == 1:
+        image = np.repeat(image, 3, axis=2)
+    elif job.channels == 1 and image.shape[2] == 3:
+        image = np.asarray(Image.fromarray(image).convert("L"))[..., None]  # ITU-R 601 luma
+    write_png(job.out / IMAGES / f"{item.id}.png", image)
+    write_png(job.out / MASKS / f"{item.id}.png", mask)
+    return {
+        "id": item.id,
+        "split": item.split,
+        "height": image.shape[0],
+        "width": image.shape[1],
+        "channels": image.shape[2],
+        "image": f"{IMAGES}/{item.id}.png",
+        "mask": f"{MASKS}/{item.id}.png",
+        **provenance,
+        "sha256_pixels": hashlib.sha256(f"{image.shape}".encode() + image.tobytes()).hexdigest(),
+        **class_counts(mask, list(job.classes)),
+    }
+
+
+def _run_all(items: list, job: _Job, workers: int) -> Iterator[dict | Problem]:
+    """Results in item order; at most ``2 * workers`` samples are being decoded at once."""
+    if workers <= 1 or len(items) < 2:
+        yield from (_ingest_one(item, job) for item in items)
+        return
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(_START_METHOD))
+    try:
+        pending = deque()
+        for item in items:
+            pending.append(pool.submit(_ingest_one, item, job))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _encoding(cfg: IngestParams, classes: list[str]) -> MaskEncoding:
+    palette = None
+    if cfg.palette is not None:
+        palette = {tuple(colour): classes.index(name) for name, colour in cfg.palette.items()}
+    ignore = frozenset(tuple(v) if isinstance(v, tuple | list) else v for v in cfg.ignore_values)
+    return MaskEncoding(len(classes), cfg.mask_values, palette, ignore)
+
+
+def _items(params: Params, scratch: Path, problems: Problems) -> list:
+    """The source's work items (and, for archives, their unpacked files under ``scratch``)."""
+    cfg = params.ingest
+    if cfg.source == "synthetic":
+        synth = cfg.synthetic
+        # tasks/params.py has already checked the class count and weights against the generator.
+        return _synthetic.items(
+            params.seed,
+            synth.num_images,
+            len(params.classes),
+            synth.image_size,
+            synth.min_objects,
+            synth.max_objects,
+            synth.noise,
+            synth.class_weights,
+        )
+    path = cfg.path
+    if not path.exists():
+        raise SegflowError(
+            f"ingest.path: {path} does not exist; put the dataset there (dvc add / dvc import-url) or fix the path"
+        )
+    if _archive.is_archive(path):
+        scratch.mkdir()
+        for problem in _archive.extract(path, scratch, str(path)):
+            problems.add(problem)
+        return _folder.discover(scratch, cfg, f"{path}:", problems)
+    if not path.is_dir():
+        raise SegflowError(
+            f"ingest.path: {path} is neither a folder nor an archive ({', '.join(_archive.ARCHIVE_SUFFIXES)})"
+        )
+    return _folder.discover(path, cfg, f"{str(path).rstrip('/')}/", problems)
+
+
+def _drop(out: Path, row: dict) -> None:
+    (out / row["image"]).unlink()
+    (out / row["mask"]).unlink()
+
+
+def _collect(items: list, job: _Job, params: Params, problems: Problems) -> list[dict]:
+    """Decode every item; split, deduplicate and make channels agree; rows in id order."""
+    cfg = params.ingest
+    groups = {}
+    usable = []
+    for item in items:
+        try:
+            groups[item.id] = group_of(item.id, cfg.group, item.image_name)
+            usable.append(item)
+        except Problem as problem:
+            problems.add(problem)
+    rows = []
+    for result in _run_all(usable, job, cfg.resolved_workers()):
+        if isinstance(result, Problem):
+            problems.add(result)
+        else:
+            result["group"] = groups[result["id"]]
+            rows.append(result)
+    if not rows:
+        raise SegflowError(
+            Problem("empty_dataset", cfg.path, expected=_expected(cfg)).line()
+            if cfg.source == "folder"
+            else "ingest: no samples"
+        )
+    if cfg.layout == "paired" or cfg.source == "synthetic":
+        for row, split in zip(
+            rows,
+            assign_splits([r["group"] for r in rows], params.seed, cfg.val_fraction, cfg.test_fraction),
+            strict=True,
+        ):
+            row["split"] = split
+    rows = _deduplicate(rows, job.out, problems)
+    if job.channels == "auto" and len({r["channels"] for r in rows}) > 1:
+        # Mixed grayscale and colour: everything becomes RGB.
+        for row in (r for r in rows if r["channels"] == 1):
+            path = job.out / row["image"]
+            with Image.open(path) as img:
+                write_png(path, np.asarray(img.convert("RGB")))
+            row["channels"] = 3
+    return rows
+
+
+def _expected(cfg: IngestParams) -> str:
+    if cfg.layout == "paired":
+        return f"{cfg.images_dir}/ and {cfg.masks_dir}/"
+    return ", ".join(f"{d}/ + {d}{cfg.annot_suffix}/" for d in cfg.split_dirs.model_dump().values())
+
+
+def _deduplicate(rows: list[dict], out: Path, problems: Problems) -> list[dict]:
+    """Keep one of each set of pixel-identical images (train first, then val, then test; then by id)."""
+    order = sorted(rows, key=lambda r: (SPLITS.index(r["split"]), r["id"]))
+    first: dict[str, dict] = {}
+    dropped = set()
+    for row in order:
+        kept = first.setdefault(row["sha256_pixels"], row)
+        if kept is row:
+            continue
+        straddle = f" (split {row['split']}, the other is in {kept['split']})" if row["split"] != kept["split"] else ""
+        problems.add(Problem("duplicate", row["source_image"], other=kept["source_image"], straddle=straddle))
+        _drop(out, row)
+        dropped.add(row["id"])
+    return [r for r in rows if r["id"] not in dropped]
 
 
 def run(params: Params, paths: Paths) -> pd.DataFrame:
-    """Write images, masks and the manifest under ``paths.ingest`` (atomically).
+    """Write images, masks, the manifest and the data report under ``paths.ingest`` (atomically).
 
     Returns:
         The manifest.
+
+    Raises:
+        SegflowError: the source is missing or empty, a split is empty, or (``on_bad: stop``) a bad file.
     """
     cfg = params.ingest
-    rows = []
+    problems = Problems(cfg.on_bad)
     with atomic_dir(paths.ingest) as out:
         (out / IMAGES).mkdir()
         (out / MASKS).mkdir()
-        for sample_id, image, mask in _samples(cfg, params.classes, params.seed):
-            write_png(out / IMAGES / f"{sample_id}.png", image)
-            write_png(out / MASKS / f"{sample_id}.png", mask)
-            rows.append(manifest_row(sample_id, mask, params.classes))
-        manifest = pd.DataFrame(rows)
-        ids = manifest["id"].tolist()
-        manifest.insert(1, "split", assign_splits(ids, params.seed, cfg.val_fraction, cfg.test_fraction))
+        scratch = out / ".source"
+        job = _Job(
+            out, tuple(params.classes), _encoding(cfg, params.classes), cfg.channels, cfg.max_pixels, cfg.scale_16bit
+        )
+        rows = _collect(_items(params, scratch, problems), job, params, problems)
+        shutil.rmtree(scratch, ignore_errors=True)
+        columns = [
+            "id",
+            "split",
+            "group",
+            "height",
+            "width",
+            "channels",
+            "image",
+            "mask",
+            "source_image",
+            "source_mask",
+            "sha256_image",
+            "sha256_mask",
+            "sha256_pixels",
+        ]
+        columns += [f"px_{name}" for name in params.classes] + ["px_ignored"]
+        manifest = pd.DataFrame(rows).reindex(columns=columns).sort_values("id").reset_index(drop=True)
+        _check_splits(manifest, cfg)
         manifest.to_csv(out / MANIFEST, index=False)
-
-    counts = manifest["split"].value_counts()
-    pixels = manifest[[f"px_{c}" for c in params.classes]].sum()
-    share = ", ".join(f"{c} {100 * n / pixels.sum():.1f}%" for c, n in zip(params.classes, pixels, strict=True))
-    log.info(
-        "%d images (%s) into %s; pixels: %s",
-        len(manifest),
-        ", ".join(f"{s} {counts.get(s, 0)}" for s in SPLITS),
-        paths.ingest,
-        share,
-    )
+        report = _report.build(manifest, params.classes, problems.records, _report.describe_source(cfg))
+        (out / REPORT_JSON).write_text(_report.to_json(report), encoding="utf-8")
+        (out / REPORT_MD).write_text(_report.to_markdown(report), encoding="utf-8")
+    log.info("%s", _report.summary_line(report, paths.ingest))
+    for record in problems.records:
+        log.warning("skipped: %s", record["message"])
     return manifest
+
+
+def _check_splits(manifest: pd.DataFrame, cfg: IngestParams) -> None:
+    """A dataset with its own split must give training and test images."""
+    if cfg.source != "folder" or cfg.layout != "split_folders":
+        return
+    for split in ("train", "test"):
+        if not (manifest["split"] == split).any():
+            folder = getattr(cfg.split_dirs, split)
+            raise SegflowError(
+                f"{cfg.path}: no {split} images (layout: split_folders reads {folder}/ + {folder}{cfg.annot_suffix}/); "
+                "add them"
+            )
 
 
 def main() -> None:

@@ -8,11 +8,23 @@ stay cheap to import (no torch, no smp): the Prefect flow and the CLI use it.
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from tasks._common import SegflowError
 
@@ -85,22 +97,126 @@ class SyntheticParams(_Section):
         return self
 
 
+#: One 8-bit colour channel value.
+Channel = Annotated[int, Field(ge=0, le=255)]
+RGB = tuple[Channel, Channel, Channel]
+#: Mask values as they are stored (up to 16-bit grayscale).
+RawValue = Annotated[int, Field(ge=0, le=65535)]
+
+
+class SplitDirs(_Section):
+    """``layout: split_folders``: the folder of each split (its masks sit in ``<folder><annot_suffix>``)."""
+
+    train: str = "train"
+    val: str = "val"
+    test: str = "test"
+
+
 class IngestParams(_Section):
-    source: Literal["synthetic"] = "synthetic"
+    """Where the dataset comes from and how its files are read (see docs/datasets.md)."""
+
+    #: synthetic: the built-in demo scenes; folder: the user's images and masks at ``path``.
+    source: Literal["synthetic", "folder"] = "synthetic"
+    #: A folder or an archive (.zip, .tar, .tar.gz, .tgz); relative to the project root, or absolute.
+    #: dvc.yaml lists it as a dependency of ingest, so a change to the data reruns the pipeline.
+    path: Path = Path("data/raw")
+    #: paired: <path>/<images_dir> + <path>/<masks_dir>, split by a seeded hash;
+    #: split_folders: <path>/train + <path>/trainannot, ... with the split kept as given.
+    layout: Literal["paired", "split_folders"] = "paired"
+    images_dir: str = "images"
+    masks_dir: str = "masks"
+    #: Name endings stripped before pairing by stem, e.g. mask_suffix: _mask pairs a.png with a_mask.png.
+    image_suffix: str = ""
+    mask_suffix: str = ""
+    split_dirs: SplitDirs = SplitDirs()
+    annot_suffix: str = "annot"
+    #: null: mask values are class ids; or {raw value: class id}, e.g. {0: 1, 255: 0}.
+    mask_values: dict[RawValue, int] | None = None
+    #: Colour-coded RGB masks: {class name: [r, g, b]}.
+    palette: dict[str, RGB] | None = None
+    #: Raw mask values (or [r, g, b] colours with a palette) that mean "no class": ignored in training and scoring.
+    ignore_values: list[RawValue | RGB] = []
+    #: A regex over the file's id (its path under the images folder, without the extension); the first
+    #: group (or the named group ``group``) keeps related images (slices of one volume) in one split.
+    group: str | None = None
+    #: auto: grayscale data stays one channel, anything else becomes RGB; or force 1 or 3.
+    channels: Literal["auto", 1, 3] = "auto"
+    #: 16-bit images to 8-bit: full_range maps 0-65535 to 0-255; per_image stretches each image's min-max.
+    scale_16bit: Literal["full_range", "per_image"] = "full_range"
+    #: Larger images are refused before they are decoded (decompression bombs).
+    max_pixels: PositiveInt = 100_000_000
+    #: stop: the first bad file fails the stage with its name; skip: leave it out and list it in the report.
+    on_bad: Literal["stop", "skip"] = "stop"
+    #: Decoding processes; auto = the cores this process may use.
+    workers: Literal["auto"] | PositiveInt = "auto"
+    #: layout: paired only; the split of each id (or group) is a seeded hash cut at these fractions.
     val_fraction: float = Field(0.15, ge=0.0, lt=1.0)
     test_fraction: float = Field(0.15, ge=0.0, lt=1.0)
     synthetic: SyntheticParams = SyntheticParams()
+
+    @field_validator("group")
+    @classmethod
+    def _regex(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as error:
+                raise ValueError(f"not a valid regular expression ({error})") from None
+        return value
+
+    @field_validator("images_dir", "masks_dir")
+    @classmethod
+    def _folder_name(cls, value: str) -> str:
+        if not value or Path(value).is_absolute() or ".." in Path(value).parts:
+            raise ValueError("must be a folder name inside ingest.path")
+        return value
 
     @model_validator(mode="after")
     def _fractions(self) -> IngestParams:
         if self.val_fraction + self.test_fraction >= 1.0:
             raise ValueError("val_fraction + test_fraction must leave some data for training")
+        if self.mask_values is not None and self.palette is not None:
+            raise ValueError("give either ingest.mask_values (grayscale masks) or ingest.palette (RGB masks), not both")
+        if self.palette is None and any(isinstance(v, tuple) for v in self.ignore_values):
+            raise ValueError("ingest.ignore_values holds [r, g, b] colours, which need ingest.palette")
+        if self.group is not None and self.layout != "paired":
+            raise ValueError("ingest.group applies to layout: paired (split_folders keeps the given split)")
         return self
+
+    def resolved_workers(self) -> int:
+        """The worker count ``auto`` stands for: the cores this process may run on."""
+        if self.workers != "auto":
+            return self.workers
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 class NormalizeParams(_Section):
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    """Per-channel mean and std on the 0-1 scale: one value (any channel count) or one per channel."""
+
+    mean: list[float] = Field(default_factory=lambda: [0.485, 0.456, 0.406], min_length=1)
+    std: list[PositiveFloat] = Field(default_factory=lambda: [0.229, 0.224, 0.225], min_length=1)
+
+    @model_validator(mode="after")
+    def _lengths(self) -> NormalizeParams:
+        if len(self.mean) != len(self.std):
+            raise ValueError(f"mean has {len(self.mean)} values but std has {len(self.std)}; give one pair per channel")
+        return self
+
+    def for_channels(self, channels: int, source: str = "the data") -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Mean and std for ``channels`` image channels (a single value is repeated).
+
+        Raises:
+            ParamsError: neither one value nor one per channel.
+        """
+        if len(self.mean) == 1:
+            return (self.mean[0],) * channels, (self.std[0],) * channels
+        if len(self.mean) != channels:
+            hint = "e.g. mean: [0.5], std: [0.25]" if channels == 1 else f"{channels} values each"
+            raise ParamsError(
+                f"params.yaml: augment.normalize has {len(self.mean)} values per key but {source} has "
+                f"{channels} channel{'s' if channels > 1 else ''}; give one value or one per channel ({hint})"
+            )
+        return tuple(self.mean), tuple(self.std)
 
 
 class AugmentParams(_Section):
@@ -190,17 +306,31 @@ class Params(_Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> Params:
-        weights = self.ingest.synthetic.class_weights
-        if weights is not None and len(weights) != len(self.classes) - 1:
+        ingest, num_classes = self.ingest, len(self.classes)
+        weights = ingest.synthetic.class_weights
+        if weights is not None and len(weights) != num_classes - 1:
             raise ValueError(
                 f"ingest.synthetic.class_weights has {len(weights)} entries; "
-                f"give one per object class ({len(self.classes) - 1}: {self.classes[1:]})"
+                f"give one per object class ({num_classes - 1}: {self.classes[1:]})"
             )
-        if self.ingest.source == "synthetic" and len(self.classes) - 1 > SYNTHETIC_OBJECT_CLASSES:
+        if ingest.source == "synthetic" and num_classes - 1 > SYNTHETIC_OBJECT_CLASSES:
             raise ValueError(
                 f"classes: the synthetic source draws at most {SYNTHETIC_OBJECT_CLASSES} object classes, "
-                f"got {len(self.classes) - 1}; list at most {SYNTHETIC_OBJECT_CLASSES + 1} classes"
+                f"got {num_classes - 1}; list at most {SYNTHETIC_OBJECT_CLASSES + 1} classes"
             )
+        for raw, cls in (ingest.mask_values or {}).items():
+            if not 0 <= cls < num_classes:
+                raise ValueError(
+                    f"ingest.mask_values maps {raw} to class id {cls}, but classes has ids 0-{num_classes - 1}; "
+                    "list the value under ingest.ignore_values to ignore it"
+                )
+        if ingest.palette is not None:
+            unknown = [name for name in ingest.palette if name not in self.classes]
+            if unknown:
+                raise ValueError(f"ingest.palette names {unknown}, which are not in classes {self.classes}")
+            colours = list(ingest.palette.values())
+            if len(set(colours)) != len(colours):
+                raise ValueError("ingest.palette gives two classes the same colour")
         # The encoder halves the resolution encoder_depth times; inputs must divide evenly.
         stride = 2**self.train.encoder_depth
         for key in ("crop_size", "pad_divisor"):

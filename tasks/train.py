@@ -26,7 +26,16 @@ from torch.utils.data import DataLoader
 from tasks import _metrics, _model
 from tasks._common import stage_main
 from tasks._data import SegmentationDataset, same_shape_batches, seed_worker
-from tasks._files import EVAL_PIPELINE, LIVE_DIR, MODEL_DIR, TRAIN_PIPELINE, load_transform, read_manifest, split_rows
+from tasks._files import (
+    EVAL_PIPELINE,
+    LIVE_DIR,
+    MODEL_DIR,
+    TRAIN_PIPELINE,
+    image_channels,
+    load_transform,
+    read_manifest,
+    split_rows,
+)
 from tasks.params import IGNORE_INDEX, Params, Paths, TrainParams
 
 log = logging.getLogger(__name__)
@@ -164,12 +173,14 @@ def run(params: Params, paths: Paths) -> dict:
     train_rows = split_rows(manifest, "train")
     val_rows = split_rows(manifest, "val", required=False)
     num_classes = len(params.classes)
+    channels = image_channels(manifest)
+    mean, std = params.augment.normalize.for_channels(channels)
     train_set = SegmentationDataset(
         paths.ingest, train_rows, load_transform(paths.augment / TRAIN_PIPELINE, params.seed)
     )
     val_set = SegmentationDataset(paths.ingest, val_rows, load_transform(paths.augment / EVAL_PIPELINE))
 
-    module = SegmentationModule(_model.build(cfg, num_classes), cfg, params.classes)
+    module = SegmentationModule(_model.build(cfg, num_classes, channels), cfg, params.classes)
     precision = resolve_precision(cfg.precision, cfg.accelerator)
     live_dir = paths.train / LIVE_DIR
     live = _StageLive(dir=str(live_dir), dvcyaml=None, save_dvc_exp=False, report=None)
@@ -216,9 +227,10 @@ def run(params: Params, paths: Paths) -> dict:
             encoder=cfg.encoder,
             encoder_depth=cfg.encoder_depth,
             decoder_channels=cfg.decoder_channels,
+            in_channels=channels,
             classes=params.classes,
-            mean=params.augment.normalize.mean,
-            std=params.augment.normalize.std,
+            mean=list(mean),
+            std=list(std),
             pad_divisor=params.augment.pad_divisor,
             train_size=params.augment.crop_size,
             training=summary,

@@ -21,6 +21,7 @@ ISBI = Path(os.environ.get("SEGFLOW_ISBI2012", ROOT.parent / "shared" / "dataset
 TINY = {
     "seed": 3,
     "ingest": {
+        "workers": 1,
         "val_fraction": 0.2,
         "test_fraction": 0.2,
         "synthetic": {"num_images": 24, "image_size": 32, "min_objects": 1, "max_objects": 3},

@@ -109,7 +109,7 @@ def test_stage_declares_the_params_it_reads(stage):
 
 
 def test_params_read_sees_whole_chains():
-    assert params_read("tasks.train") >= {"train", "augment.normalize.mean", "augment.crop_size", "seed"}
+    assert params_read("tasks.train") >= {"train", "augment.normalize.for_channels", "augment.crop_size", "seed"}
     assert "augment" not in params_read("tasks.train")
 
 

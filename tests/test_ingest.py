@@ -86,22 +86,18 @@ def test_crash_leaves_previous_output_intact(tiny_params, tiny_paths, monkeypatc
     ingest.run(tiny_params, tiny_paths)
     before = {p.relative_to(tiny_paths.ingest): p.read_bytes() for p in tiny_paths.ingest.rglob("*") if p.is_file()}
 
-    real = _synthetic.generate
+    real, calls = ingest._ingest_one, []
 
-    def broken(*args, **kwargs):
-        yield from list(real(*args, **kwargs))[:3]
-        raise RuntimeError("disk full")
+    def broken(item, job):
+        calls.append(item)
+        if len(calls) > 3:
+            raise RuntimeError("disk full")
+        return real(item, job)
 
-    monkeypatch.setattr(_synthetic, "generate", broken)
+    monkeypatch.setattr(ingest, "_ingest_one", broken)
     # Another seed: the interrupted run's first images differ from the ones on disk.
     with pytest.raises(RuntimeError, match="disk full"):
         ingest.run(tiny_params.model_copy(update={"seed": tiny_params.seed + 1}), tiny_paths)
     after = {p.relative_to(tiny_paths.ingest): p.read_bytes() for p in tiny_paths.ingest.rglob("*") if p.is_file()}
     assert after == before
     assert not [p for p in tiny_paths.ingest.parent.iterdir() if ".tmp-" in p.name], "no temporary left behind"
-
-
-def test_mask_with_unknown_class_id_is_named():
-    mask = np.array([[0, 1], [5, 0]], dtype=np.uint8)
-    with pytest.raises(SegflowError, match="sample_3: mask holds class id 5 but classes lists only 4"):
-        ingest.manifest_row("sample_3", mask, ["background", "a", "b", "c"])
