@@ -21,7 +21,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from tasks._files import LIVE_DIR, METRICS, MODEL_DIR, PREDICTIONS
+from tasks._files import LIVE_DIR, METRICS, MODEL_DIR, PREDICTIONS, REPORT_MD
 from tasks.params import load_params
 
 
@@ -138,10 +138,13 @@ def collect_outputs(root: Path) -> dict:
         "training_metrics": str(paths.train / LIVE_DIR / "metrics.json"),
         "predictions": str(paths.evaluate / PREDICTIONS),
         "model": str(paths.train / MODEL_DIR),
+        "data_report": str(paths.ingest / REPORT_MD),
     }
     metrics_file = root / paths.evaluate / METRICS
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else None
-    return {"outputs": outputs, "metrics": metrics}
+    report_file = root / paths.ingest / REPORT_MD
+    report = report_file.read_text(encoding="utf-8") if report_file.is_file() else None
+    return {"outputs": outputs, "metrics": metrics, "data_report": report}
 
 
 def headline(metrics: dict) -> str:
@@ -173,6 +176,12 @@ def _publish(stages: list[dict], outputs: dict) -> None:
         )
     lines += ["", *[f"- {name}: `{path}`" for name, path in outputs["outputs"].items()]]
     create_markdown_artifact(key="segflow-pipeline-summary", markdown="\n".join(lines), description="segflow run")
+    if outputs["data_report"]:
+        create_markdown_artifact(
+            key="segflow-data-report",
+            markdown=outputs["data_report"],
+            description="What ingest read: images per split, class shares, sizes, problems found",
+        )
 
 
 @flow(name="segflow-pipeline")

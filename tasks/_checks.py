@@ -28,6 +28,7 @@ RULES: dict[str, str] = {
     "symlink_escape": "is a symbolic link to {target}, outside the dataset folder; copy the file in or remove the link",
     "archive_escape": "would be written outside the extraction folder ({reason}); repack the archive without it",
     "duplicate": "has the same pixels as {other}{straddle}; remove one of the two",
+    "listed_but_missing": "lists '{id}', but the dataset has no {what} for it; fix the list or add the files",
     "empty_dataset": "holds no image/mask pairs (looked for {expected}); check ingest.path and ingest.layout",
 }
 

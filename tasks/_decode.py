@@ -23,6 +23,7 @@ from tasks.params import IGNORE_INDEX
 _GRAY = {"1", "L", "LA"}
 _COLOUR = {"RGB", "RGBA", "RGBX", "RGBa", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV"}
 _WIDE = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
+_ORIENTATION = 0x0112  # the EXIF tag
 
 
 @contextlib.contextmanager
@@ -40,8 +41,12 @@ def _reason(error: BaseException) -> str:
     return " ".join(str(error).split())[:160] or type(error).__name__
 
 
-def open_file(data: bytes, name: str, max_pixels: int) -> Image.Image:
+def open_file(data: bytes, name: str, max_pixels: int) -> tuple[Image.Image, bool]:
     """Decode one image file held in memory, after checking its size from the header.
+
+    Returns:
+        The image, upright (EXIF orientation applied), and whether ``data`` already is that
+        image as an 8-bit grayscale or RGB PNG (so it can be copied rather than encoded again).
 
     Raises:
         Problem: not an image, damaged or truncated, a multi-page file, or above ``max_pixels``.
@@ -62,7 +67,9 @@ def open_file(data: bytes, name: str, max_pixels: int) -> Image.Image:
             )
         try:
             img.load()
-            return ImageOps.exif_transpose(img)
+            upright = img.getexif().get(_ORIENTATION, 1) in (None, 1)
+            as_stored = img.format == "PNG" and img.mode in ("L", "RGB") and upright
+            return (img if upright else ImageOps.exif_transpose(img)), as_stored
         except (OSError, ValueError, SyntaxError, EOFError) as error:
             raise Problem("unreadable", name, reason=_reason(error)) from None
 

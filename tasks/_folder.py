@@ -45,30 +45,33 @@ class FilePair:
     mask_name: str
     split: str | None = None
 
-    def read(self, max_pixels: int, scale_16bit: str, colour_masks: bool) -> tuple[np.ndarray, np.ndarray, dict]:
+    def read(self, max_pixels: int, scale_16bit: str, colour_masks: bool) -> tuple[np.ndarray, np.ndarray, dict, dict]:
         """Decode both files.
 
         Returns:
             image (H, W, 1 or 3) uint8, the mask's stored values (see :func:`_decode.mask_array`),
-            and provenance (source names, sha256 of each file's bytes).
+            provenance (source names, sha256 of each file's bytes), and ``{"image"|"mask": bytes}`` for
+            files that already are 8-bit grayscale or RGB PNGs of exactly those arrays.
 
         Raises:
             Problem: a file cannot be read or decoded.
         """
         provenance = {"source_image": self.image_name, "source_mask": self.mask_name}
-        arrays = []
+        arrays, stored = [], {}
         for key, path, name in (("image", self.image, self.image_name), ("mask", self.mask, self.mask_name)):
             try:
                 data = path.read_bytes()
             except OSError as error:
                 raise Problem("unreadable", name, reason=error.strerror or type(error).__name__) from None
             provenance[f"sha256_{key}"] = hashlib.sha256(data).hexdigest()
-            img = _decode.open_file(data, name, max_pixels)
+            img, as_stored = _decode.open_file(data, name, max_pixels)
             if key == "image":
                 arrays.append(_decode.image_array(img, name, scale_16bit))
             else:
                 arrays.append(_decode.mask_array(img, name, colour=colour_masks))
-        return arrays[0], arrays[1], provenance
+            if as_stored and arrays[-1].ndim == (3 if key == "image" else 2):
+                stored[key] = data
+        return arrays[0], arrays[1], provenance, stored
 
 
 class _Walker:
@@ -128,13 +131,26 @@ def _strip(key: str, suffix: str) -> str:
 
 
 def _pair(
-    walker: _Walker, images: Path, masks: Path, cfg: IngestParams, split: str | None = None
+    walker: _Walker,
+    images: Path,
+    masks: Path,
+    cfg: IngestParams,
+    split: str | None = None,
+    listed: dict[str, tuple[str, str]] | None = None,
 ) -> dict[str, FilePair]:
+    """Pair images and masks by id; with ``listed`` ({id: (split, list name)}) only those ids, split as listed."""
     image_files = {_strip(k, cfg.image_suffix): p for k, p in walker.files(images).items()}
     mask_files = {_strip(k, cfg.mask_suffix): p for k, p in walker.files(masks).items()}
     pairs = {}
-    for key in sorted(image_files.keys() | mask_files.keys()):
+    keys = image_files.keys() | mask_files.keys() if listed is None else listed.keys()
+    for key in sorted(keys):
         image, mask = image_files.get(key), mask_files.get(key)
+        if listed is not None:
+            split, list_name = listed[key]
+            if image is None or mask is None:
+                what = "image" if image is None and mask is not None else "mask" if image else "image or mask"
+                walker.problems.add(Problem("listed_but_missing", list_name, id=key, what=what))
+                continue
         if mask is None:
             expected = f"{walker.name(masks)}/{key.replace('__', '/')}{cfg.mask_suffix}.*"
             walker.problems.add(Problem("image_without_mask", walker.name(image), expected=expected))
@@ -146,18 +162,48 @@ def _pair(
     return pairs
 
 
+def _read_lists(root: Path, lists: dict[str, str], walker: _Walker) -> dict[str, tuple[str, str]]:
+    """{id: (split, list name)} from ``ingest.split_lists`` files (one id per line, inside the dataset)."""
+    listed: dict[str, tuple[str, str]] = {}
+    for split, name in lists.items():
+        path = root / name
+        if not path.is_file():
+            raise SegflowError(
+                f"ingest.split_lists.{split}: {walker.name(path)} not found; the list files live inside the dataset"
+            )
+        for line in path.read_text(encoding="utf-8").splitlines():
+            key = line.strip().replace("/", "__")
+            if not key or key.startswith("#"):
+                continue
+            if key in listed and listed[key][0] != split:
+                raise SegflowError(
+                    f"{walker.name(path)}: lists '{key}', which {listed[key][1]} lists for {listed[key][0]}; "
+                    "an image belongs to one split"
+                )
+            listed[key] = (split, walker.name(path))
+    return listed
+
+
 def _root(source: Path, wanted: list[str], label: str, layout: str) -> Path:
-    """The folder holding the layout's folders: ``source`` or its one sub-folder (archives often add one)."""
-    if all((source / name).is_dir() for name in wanted):
-        return source
-    subs = [p for p in source.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in _JUNK]
-    if len(subs) == 1 and all((subs[0] / name).is_dir() for name in wanted):
-        return subs[0]
+    """The folder holding the layout's folders: ``source``, or the end of a chain of lone sub-folders in it
+    (archives often wrap the dataset, e.g. ``VOCdevkit/VOC2012/``)."""
+    root = source
+    for _ in range(4):
+        if all((root / name).is_dir() for name in wanted):
+            return root
+        subs = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in _JUNK]
+        if len(subs) != 1:
+            break
+        root = subs[0]
     missing = [f"{name}/" for name in wanted if not (source / name).is_dir()]
     raise SegflowError(
         f"{label.rstrip('/:')}: no {' or '.join(missing)} folder (ingest.layout: {layout} expects "
         f"{', '.join(f'{n}/' for n in wanted)}); fix ingest.path, ingest.layout or the folder names in params.yaml"
     )
+
+
+def _inner(source: Path, root: Path) -> str:
+    return "" if root == source else root.relative_to(source).as_posix() + "/"
 
 
 def discover(source: Path, cfg: IngestParams, label: str, problems: Problems) -> list[FilePair]:
@@ -171,12 +217,13 @@ def discover(source: Path, cfg: IngestParams, label: str, problems: Problems) ->
     """
     if cfg.layout == "paired":
         root = _root(source, [cfg.images_dir, cfg.masks_dir], label, cfg.layout)
-        walker = _Walker(root, label + ("" if root == source else f"{root.name}/"), problems)
-        pairs = _pair(walker, root / cfg.images_dir, root / cfg.masks_dir, cfg)
+        walker = _Walker(root, label + _inner(source, root), problems)
+        listed = _read_lists(root, cfg.split_lists, walker) if cfg.split_lists else None
+        pairs = _pair(walker, root / cfg.images_dir, root / cfg.masks_dir, cfg, listed=listed)
     else:
         dirs = cfg.split_dirs.model_dump()
         root = _root(source, [dirs["train"], dirs["train"] + cfg.annot_suffix], label, cfg.layout)
-        walker = _Walker(root, label + ("" if root == source else f"{root.name}/"), problems)
+        walker = _Walker(root, label + _inner(source, root), problems)
         pairs = {}
         for split, name in dirs.items():
             images, masks = root / name, root / (name + cfg.annot_suffix)

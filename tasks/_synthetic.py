@@ -166,8 +166,8 @@ class SyntheticItem:
 
     mask_name = image_name
 
-    def read(self, *_) -> tuple[np.ndarray, np.ndarray, dict]:
-        """Render the scene: image (H, W, 3) uint8, mask (H, W) uint8 class ids, provenance."""
+    def read(self, *_) -> tuple[np.ndarray, np.ndarray, dict, dict]:
+        """Render the scene: image (H, W, 3) uint8, mask (H, W) uint8 class ids, provenance, no stored files."""
         rng = np.random.default_rng([self.seed, self.index])
         image, mask = make_scene(
             rng,
@@ -179,7 +179,7 @@ class SyntheticItem:
             self.noise,
         )
         provenance = {"source_image": self.image_name, "source_mask": self.mask_name}
-        return image, mask, provenance | {"sha256_image": "", "sha256_mask": ""}  # no source files
+        return image, mask, provenance | {"sha256_image": "", "sha256_mask": ""}, {}  # no source files
 
 
 def items(
@@ -220,5 +220,5 @@ def generate(
 ) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
     """Yield ``(sample_id, image, mask)`` for the demo dataset (see :func:`items`)."""
     for item in items(seed, num_images, num_classes, size, min_objects, max_objects, noise, class_weights):
-        image, mask, _ = item.read()
+        image, mask, _, _ = item.read()
         yield item.id, image, mask

@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import multiprocessing
-import re
 import shutil
 import sys
 from collections import deque
@@ -37,7 +36,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from tasks import _archive, _folder, _report, _synthetic
+from tasks import _archive, _folder, _report, _splits, _synthetic
 from tasks._checks import Problem, Problems
 from tasks._common import SegflowError, atomic_dir, stage_main, write_png
 from tasks._decode import MaskEncoding
@@ -46,55 +45,9 @@ from tasks.params import IGNORE_INDEX, IngestParams, Params, Paths
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
 # fork starts a worker in milliseconds with everything already imported; the stage runs no threads
 # that a fork could copy mid-lock. Elsewhere (macOS, Windows) spawn is the safe default.
 _START_METHOD = "fork" if sys.platform == "linux" else "spawn"
-
-
-def split_of(key: str, seed: int, val_fraction: float, test_fraction: float) -> str:
-    """The split of one sample (or group): a seeded hash of its key, cut at the fractions."""
-    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
-    u = int.from_bytes(digest[:8], "big") / 2**64
-    if u < test_fraction:
-        return "test"
-    if u < test_fraction + val_fraction:
-        return "val"
-    return "train"
-
-
-def assign_splits(keys: list[str], seed: int, val_fraction: float, test_fraction: float) -> list[str]:
-    """Split every key; fail when a split that was asked for comes out empty.
-
-    Raises:
-        SegflowError: a requested split (fraction > 0) got no samples.
-    """
-    splits = [split_of(k, seed, val_fraction, test_fraction) for k in keys]
-    wanted = {"train": 1.0, "val": val_fraction, "test": test_fraction}
-    for name, fraction in wanted.items():
-        if fraction > 0 and name not in splits:
-            raise SegflowError(
-                f"split '{name}' got none of the {len(keys)} images "
-                f"(ingest.val_fraction={val_fraction}, ingest.test_fraction={test_fraction}); "
-                "add images or raise that fraction"
-            )
-    return splits
-
-
-def group_of(sample_id: str, pattern: str | None, name: str) -> str:
-    """The key that decides a sample's split: its ``ingest.group`` match, or its own id.
-
-    Raises:
-        Problem: the id does not match the pattern.
-    """
-    if pattern is None:
-        return sample_id
-    found = re.search(pattern, sample_id)
-    if not found:
-        raise Problem("group_mismatch", name, pattern=pattern)
-    if "group" in found.re.groupindex:
-        return found.group("group")
-    return found.group(1) if found.re.groups else found.group(0)
 
 
 def class_counts(mask: np.ndarray, classes: list[str]) -> dict:
@@ -124,7 +77,9 @@ def _ingest_one(item, job: _Job) -> dict | Problem:
         Its manifest row, or the problem that rules it out.
     """
     try:
-        image, raw_mask, provenance = item.read(job.max_pixels, job.scale_16bit, job.encoding.palette is not None)
+        image, raw_mask, provenance, stored = item.read(
+            job.max_pixels, job.scale_16bit, job.encoding.palette is not None
+        )
         if image.shape[:2] != raw_mask.shape[:2]:
             (ih, iw), (mh, mw) = image.shape[:2], raw_mask.shape[:2]
             raise Problem(
@@ -134,11 +89,18 @@ def _ingest_one(item, job: _Job) -> dict | Problem:
     except Problem as problem:
         return problem
     if job.channels == 3 and image.shape[2] == 1:
-        image = np.repeat(image, 3, axis=2)
+        image, stored["image"] = np.repeat(image, 3, axis=2), None
     elif job.channels == 1 and image.shape[2] == 3:
-        image = np.asarray(Image.fromarray(image).convert("L"))[..., None]  # ITU-R 601 luma
-    write_png(job.out / IMAGES / f"{item.id}.png", image)
-    write_png(job.out / MASKS / f"{item.id}.png", mask)
+        image, stored["image"] = np.asarray(Image.fromarray(image).convert("L"))[..., None], None  # ITU-R 601 luma
+    if stored.get("mask") is not None and not np.array_equal(mask, raw_mask):
+        stored["mask"] = None
+    # A source file that already is the PNG ingest would write is copied: encoding is most of the cost.
+    for folder, array, key in ((IMAGES, image, "image"), (MASKS, mask, "mask")):
+        target = job.out / folder / f"{item.id}.png"
+        if stored.get(key) is not None:
+            target.write_bytes(stored[key])
+        else:
+            write_png(target, array)
     return {
         "id": item.id,
         "split": item.split,
@@ -224,7 +186,7 @@ def _collect(items: list, job: _Job, params: Params, problems: Problems) -> list
     usable = []
     for item in items:
         try:
-            groups[item.id] = group_of(item.id, cfg.group, item.image_name)
+            groups[item.id] = _splits.group_of(item.id, cfg.group, item.image_name)
             usable.append(item)
         except Problem as problem:
             problems.add(problem)
@@ -241,11 +203,11 @@ def _collect(items: list, job: _Job, params: Params, problems: Problems) -> list
             if cfg.source == "folder"
             else "ingest: no samples"
         )
-    if cfg.layout == "paired" or cfg.source == "synthetic":
+    if cfg.source == "synthetic" or (cfg.layout == "paired" and cfg.split_lists is None):
+        keys = [r["group"] for r in rows]
+        fixed = _splits.fixed_groups(rows, cfg.split_ids or {})
         for row, split in zip(
-            rows,
-            assign_splits([r["group"] for r in rows], params.seed, cfg.val_fraction, cfg.test_fraction),
-            strict=True,
+            rows, _splits.assign_splits(keys, params.seed, cfg.val_fraction, cfg.test_fraction, fixed), strict=True
         ):
             row["split"] = split
     rows = _deduplicate(rows, job.out, problems)
@@ -266,11 +228,10 @@ def _expected(cfg: IngestParams) -> str:
 
 
 def _deduplicate(rows: list[dict], out: Path, problems: Problems) -> list[dict]:
-    """Keep one of each set of pixel-identical images (train first, then val, then test; then by id)."""
-    order = sorted(rows, key=lambda r: (SPLITS.index(r["split"]), r["id"]))
+    """Keep the first (by id) of each set of pixel-identical images; the others are problems."""
     first: dict[str, dict] = {}
     dropped = set()
-    for row in order:
+    for row in rows:
         kept = first.setdefault(row["sha256_pixels"], row)
         if kept is row:
             continue
@@ -330,16 +291,18 @@ def run(params: Params, paths: Paths) -> pd.DataFrame:
 
 
 def _check_splits(manifest: pd.DataFrame, cfg: IngestParams) -> None:
-    """A dataset with its own split must give training and test images."""
-    if cfg.source != "folder" or cfg.layout != "split_folders":
+    """A dataset that brings its own split must give training and test images (evaluate scores the test split)."""
+    if cfg.source != "folder" or (cfg.layout == "paired" and cfg.split_lists is None):
         return
     for split in ("train", "test"):
-        if not (manifest["split"] == split).any():
+        if (manifest["split"] == split).any():
+            continue
+        if cfg.layout == "split_folders":
             folder = getattr(cfg.split_dirs, split)
-            raise SegflowError(
-                f"{cfg.path}: no {split} images (layout: split_folders reads {folder}/ + {folder}{cfg.annot_suffix}/); "
-                "add them"
-            )
+            where = f"layout: split_folders reads {folder}/ + {folder}{cfg.annot_suffix}/"
+        else:
+            where = f"ingest.split_lists.{split} names none that could be read"
+        raise SegflowError(f"{cfg.path}: no {split} images ({where}); add them")
 
 
 def main() -> None:

@@ -104,6 +104,9 @@ RGB = tuple[Channel, Channel, Channel]
 RawValue = Annotated[int, Field(ge=0, le=65535)]
 
 
+Split = Literal["train", "val", "test"]
+
+
 class SplitDirs(_Section):
     """``layout: split_folders``: the folder of each split (its masks sit in ``<folder><annot_suffix>``)."""
 
@@ -149,6 +152,11 @@ class IngestParams(_Section):
     on_bad: Literal["stop", "skip"] = "stop"
     #: Decoding processes; auto = the cores this process may use.
     workers: Literal["auto"] | PositiveInt = "auto"
+    #: layout: paired only. {split: [ids]}: these ids go to that split (a fixed hold-out); the rest by the hash.
+    split_ids: dict[Split, list[str]] | None = None
+    #: layout: paired only. {split: list file}: a text file of ids, one per line, inside the dataset
+    #: (e.g. Pascal VOC's ImageSets/Segmentation/train.txt); only listed ids are ingested, split as listed.
+    split_lists: dict[Split, str] | None = None
     #: layout: paired only; the split of each id (or group) is a seeded hash cut at these fractions.
     val_fraction: float = Field(0.15, ge=0.0, lt=1.0)
     test_fraction: float = Field(0.15, ge=0.0, lt=1.0)
@@ -179,8 +187,16 @@ class IngestParams(_Section):
             raise ValueError("give either ingest.mask_values (grayscale masks) or ingest.palette (RGB masks), not both")
         if self.palette is None and any(isinstance(v, tuple) for v in self.ignore_values):
             raise ValueError("ingest.ignore_values holds [r, g, b] colours, which need ingest.palette")
-        if self.group is not None and self.layout != "paired":
-            raise ValueError("ingest.group applies to layout: paired (split_folders keeps the given split)")
+        for key in ("group", "split_ids", "split_lists"):
+            if getattr(self, key) is not None and self.layout != "paired":
+                raise ValueError(f"ingest.{key} applies to layout: paired (split_folders keeps the given split)")
+        if self.split_ids is not None and self.split_lists is not None:
+            raise ValueError("give either ingest.split_ids or ingest.split_lists, not both")
+        if self.split_ids is not None:
+            listed = [i for ids in self.split_ids.values() for i in ids]
+            twice = sorted({i for i in listed if listed.count(i) > 1})
+            if twice:
+                raise ValueError(f"ingest.split_ids lists {twice} in more than one split")
         return self
 
     def resolved_workers(self) -> int:
@@ -308,7 +324,8 @@ class Params(_Section):
     def _consistent(self) -> Params:
         ingest, num_classes = self.ingest, len(self.classes)
         weights = ingest.synthetic.class_weights
-        if weights is not None and len(weights) != num_classes - 1:
+        # The synthetic section only matters while it is the source (it stays in params.yaml for the demo).
+        if ingest.source == "synthetic" and weights is not None and len(weights) != num_classes - 1:
             raise ValueError(
                 f"ingest.synthetic.class_weights has {len(weights)} entries; "
                 f"give one per object class ({num_classes - 1}: {self.classes[1:]})"

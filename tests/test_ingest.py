@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks import _synthetic, ingest
+from tasks import _splits, _synthetic, ingest
 from tasks._common import SegflowError, read_image, read_mask
 from tasks._files import read_manifest
 
@@ -46,18 +46,18 @@ def test_synthetic_rejects_more_classes_than_kinds():
 
 def test_split_is_deterministic_and_stable_when_data_grows():
     ids = [f"img_{i:04d}" for i in range(400)]
-    splits = ingest.assign_splits(ids, 7, 0.15, 0.15)
-    assert splits == ingest.assign_splits(ids, 7, 0.15, 0.15)
-    grown = ingest.assign_splits([*ids, *(f"new_{i}" for i in range(100))], 7, 0.15, 0.15)
+    splits = _splits.assign_splits(ids, 7, 0.15, 0.15)
+    assert splits == _splits.assign_splits(ids, 7, 0.15, 0.15)
+    grown = _splits.assign_splits([*ids, *(f"new_{i}" for i in range(100))], 7, 0.15, 0.15)
     assert grown[:400] == splits, "adding images never moves an existing one"
     shares = pd.Series(splits).value_counts(normalize=True)
     assert 0.10 < shares["test"] < 0.20 and 0.10 < shares["val"] < 0.20
-    assert ingest.assign_splits(ids, 8, 0.15, 0.15) != splits
+    assert _splits.assign_splits(ids, 8, 0.15, 0.15) != splits
 
 
 def test_empty_split_is_a_clear_error():
     with pytest.raises(SegflowError, match=r"split 'test' got none of the 2 images.*ingest.test_fraction"):
-        ingest.assign_splits(["a", "b"], 0, 0.0, 0.01)
+        _splits.assign_splits(["a", "b"], 0, 0.0, 0.01)
 
 
 def test_run_writes_layout_and_a_truthful_manifest(tiny_params, tiny_paths):

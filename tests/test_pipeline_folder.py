@@ -1,0 +1,81 @@
+"""Integration: a user's dataset under DVC drives the pipeline: new data reruns it, no change reruns nothing."""
+
+from __future__ import annotations
+
+import shutil
+
+import pandas as pd
+import pytest
+
+from bench._util import fresh_project, merge
+from tests.conftest import TINY
+from tests.datasets import paired
+from tests.test_pipeline import STAGES, _dvc, _ran
+
+FOLDER = merge(
+    TINY,
+    {
+        "classes": ["background", "blob"],
+        "ingest": {"source": "folder", "path": "data/raw/cells", "workers": 2, "val_fraction": 0.25},
+        "augment": {"normalize": {"mean": [0.2], "std": [0.3]}},
+    },
+)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    project = fresh_project(tmp_path_factory.mktemp("byod") / "project", FOLDER)
+    paired(project / "data/raw/cells", n=16)
+    _dvc(project, "add", "data/raw/cells")
+    return project
+
+
+def _manifest(project) -> pd.DataFrame:
+    return pd.read_csv(project / "data/ingest/manifest.csv")
+
+
+def test_tracked_dataset_runs_the_whole_pipeline_then_nothing(project):
+    first = _dvc(project, "repro")
+    assert _ran(first.stdout) == STAGES, first.stdout
+    manifest = _manifest(project)
+    assert len(manifest) == 16 and set(manifest["channels"]) == {1}
+    assert (project / "data/ingest/report.md").is_file()
+    assert _ran(_dvc(project, "repro").stdout) == []
+
+
+def test_adding_an_image_reruns_ingest_and_every_later_stage(project):
+    paired(project / "data/raw/cells", n=1, seed=5, prefix="added")
+    proc = _dvc(project, "repro")
+    assert _ran(proc.stdout) == STAGES, proc.stdout
+    assert "added_000" in set(_manifest(project)["id"])
+    # DVC recorded the new version of the tracked source; the workspace is consistent again.
+    assert "up to date" in _dvc(project, "status").stdout
+    assert _ran(_dvc(project, "repro").stdout) == []
+
+
+def test_removing_an_image_reruns_the_pipeline(project):
+    (project / "data/raw/cells/images/img_003.png").unlink()
+    (project / "data/raw/cells/masks/img_003.png").unlink()
+    proc = _dvc(project, "repro")
+    assert _ran(proc.stdout) == STAGES, proc.stdout
+    assert "img_003" not in set(_manifest(project)["id"])
+
+
+def test_going_back_to_a_known_dataset_restores_its_results_from_the_cache(project):
+    paired(project / "data/raw/cells", n=4)  # puts img_003 back: the dataset of the previous test
+    proc = _dvc(project, "repro")
+    assert _ran(proc.stdout) == [], "DVC's run cache restores every stage instead of training again"
+    assert "Stage 'train' is cached" in proc.stdout
+    assert "img_003" in set(_manifest(project)["id"])
+
+
+def test_a_bad_new_file_fails_ingest_and_keeps_the_source(project):
+    raw = project / "data/raw/cells"
+    shutil.copy(raw / "images/img_000.png", raw / "images/orphan.png")
+    try:
+        proc = _dvc(project, "repro", check=False)
+    finally:
+        (raw / "images/orphan.png").unlink()
+    assert proc.returncode != 0
+    assert "data/raw/cells/images/orphan.png: has no mask" in proc.stdout + proc.stderr
+    assert (raw / "images/img_000.png").is_file()
