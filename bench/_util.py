@@ -32,7 +32,8 @@ def merge(base: dict, override: dict) -> dict:
     """``base`` with ``override`` laid over it, nested mappings merged key by key."""
     merged = copy.deepcopy(base)
     for key, value in override.items():
-        merged[key] = merge(merged[key], value) if isinstance(value, dict) and key in merged else value
+        nested = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = merge(merged[key], value) if nested else value
     return merged
 
 

@@ -9,9 +9,9 @@ test metrics) and schedules.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -21,7 +21,10 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from flows._leash import stop_group
+from flows._lock import project_lock
 from tasks._files import LIVE_DIR, METRICS, MODEL_DIR, PREDICTIONS, REPORT_MD
+from tasks._guard import PARENT_ENV, process_identity, restore
 from tasks.params import load_params
 
 
@@ -60,30 +63,56 @@ def stage_env(**extra: str) -> dict[str, str]:
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    """Stop a stage and everything it started (DVC runs the command through a shell)."""
-    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(proc.pid, sig)
-            proc.wait(timeout=wait)
-            return
-        except ProcessLookupError:
-            return
-        except subprocess.TimeoutExpired:
-            continue
+    """Stop a stage and everything it started, and wait until all of it is gone.
+
+    The stage runs in its own session (DVC starts its command through a shell); SIGTERM lets it put back
+    its last good outputs (tasks/_guard.py) before it exits, SIGKILL follows for what is left after 30 s.
+    """
+    stop_group(proc.pid, grace=30)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=5)
 
 
 def _failure_reason(stage: str, lines: deque[str], code: int) -> str:
-    """The most useful line of a failed stage's output: its own one-line error if it printed one."""
+    """The most useful line of a failed stage's output: its own one-line error if it printed one.
+
+    DVC's "is busy" error names the blocking processes on the lines after it: they join it on one line.
+    """
+    lines = list(lines)
     for prefix in ("segflow ", "ERROR"):
-        found = [line for line in lines if line.startswith(prefix)]
+        found = [i for i, line in enumerate(lines) if line.startswith(prefix)]
         if found:
-            return f"stage '{stage}' failed: {found[-1]}"
+            line = lines[found[-1]]
+            if "is busy, it is being blocked by:" in line:
+                blockers = [b.strip() for b in lines[found[-1] + 1 :] if b.strip().startswith("(PID")]
+                line = f"{line} {'; '.join(blockers)} (wait for it to finish, or stop it)"
+            return f"stage '{stage}' failed: {line}"
     return f"stage '{stage}' failed with exit code {code}: {lines[-1] if lines else 'no output'}"
+
+
+def _stage_command(stage: str, force: bool) -> list[str]:
+    """``dvc repro --single-item <stage>``, on a leash: it stops if this process dies (flows/_leash.py)."""
+    dvc = [sys.executable, "-m", "dvc", "repro", "--single-item", stage, *(["--force"] if force else [])]
+    return [sys.executable, "-m", "flows._leash", process_identity(), "--", *dvc]
+
+
+def _stage_run_env() -> dict[str, str]:
+    """The stage's environment: who owns it (the stage watches that process) and which flow run it serves."""
+    from prefect.runtime import flow_run
+    from prefect.settings import PREFECT_API_URL
+
+    extra = {PARENT_ENV: process_identity()}
+    if flow_run.id and PREFECT_API_URL.value():
+        extra |= {"SEGFLOW_FLOW_RUN": str(flow_run.id), "PREFECT_API_URL": PREFECT_API_URL.value()}
+    return stage_env(**extra)
 
 
 @task(name="dvc-stage", task_run_name="{stage}")
 def run_stage(stage: str, root: str, force: bool = False) -> dict:
     """Run one DVC stage (``dvc repro --single-item``), streaming its output into the run's log.
+
+    Interrupted (Ctrl-C, SIGTERM, a Prefect cancel), it stops the stage and everything under it before
+    it returns; a failed or stopped stage leaves the outputs of its last successful run in place.
 
     Returns:
         ``{"stage", "status": "ran" | "skipped", "seconds"}``.
@@ -92,21 +121,18 @@ def run_stage(stage: str, root: str, force: bool = False) -> dict:
         StageFailed: the stage (or DVC) exited non-zero.
     """
     logger = get_run_logger()
-    cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
-    if force:
-        cmd.append("--force")
     started = time.perf_counter()
     ran = False
     tail: deque[str] = deque(maxlen=40)
     with subprocess.Popen(
-        cmd,
+        _stage_command(stage, force),
         cwd=root,
-        env=stage_env(),
+        env=_stage_run_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         bufsize=1,
-        start_new_session=True,  # its own process group, so a cancel reaches the stage's command too
+        start_new_session=True,  # its own process group: a terminal's Ctrl-C reaches segflow, which stops it
     ) as proc:
         try:
             for raw in proc.stdout:
@@ -118,11 +144,16 @@ def run_stage(stage: str, root: str, force: bool = False) -> dict:
                 logger.info("%s", line)
             code = proc.wait()
         except BaseException:
-            # Cancelled or interrupted: stop the stage too; DVC then leaves no
-            # lock entry for it, so the next run redoes it.
             _stop(proc)
+            # Everything that wrote to the pipe is gone now: log what it said on its way out.
+            for line in proc.stdout.read().splitlines():
+                if line.strip():
+                    logger.info("%s", line.rstrip())
+            # The stage restores its own outputs when stopped; this covers a stop before it started.
+            restore(stage, Path(root))
             raise
     if code != 0:
+        restore(stage, Path(root))
         raise StageFailed(_failure_reason(stage, tail, code))
     result = {"stage": stage, "status": "ran" if ran else "skipped", "seconds": round(time.perf_counter() - started, 1)}
     logger.info("stage %s %s in %.1fs", stage, result["status"], result["seconds"])
@@ -198,10 +229,13 @@ def pipeline(root: str = ".", force: bool = False, retries: int = 0) -> dict:
     """
     logger = get_run_logger()
     root_path = Path(root).resolve()
-    order = stage_order(root_path)
-    logger.info("stages from dvc.yaml: %s", " -> ".join(order))
-    stage_task = run_stage.with_options(retries=retries, retry_delay_seconds=10)
-    stages = [stage_task(stage, str(root_path), force) for stage in order]
+    # Pre-flight: every stage's params are checked before DVC deletes any output.
+    load_params(root_path / "params.yaml")
+    with project_lock(root_path):
+        order = stage_order(root_path)
+        logger.info("stages from dvc.yaml: %s", " -> ".join(order))
+        stage_task = run_stage.with_options(retries=retries, retry_delay_seconds=10)
+        stages = [stage_task(stage, str(root_path), force) for stage in order]
     summary = {"stages": stages, **collect_outputs(root_path)}
     _publish(stages, summary)
     return summary

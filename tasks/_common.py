@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import logging
 import os
 import shutil
@@ -25,12 +26,14 @@ class SegflowError(Exception):
 def atomic_path(final: Path) -> Iterator[Path]:
     """Yield a temporary sibling of ``final``; rename it onto ``final`` only on success.
 
-    A crash or kill mid-write leaves a hidden ``.<name>.tmp-*`` file or folder,
+    A crash or kill mid-write leaves a hidden ``.<name>.tmp-<pid>-*`` file or folder
+    (ignored by git and DVC, removed by the next write once that process is gone),
     never a half-written ``final`` that looks valid. Works for files and folders.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    _prune_siblings(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=final.parent))
     # mkdtemp gives a folder; a caller writing a file gets the same unique name, free.
     tmp.rmdir()
     try:
@@ -39,7 +42,7 @@ def atomic_path(final: Path) -> Iterator[Path]:
             # Move the old folder aside in one rename, then swap the new one in:
             # a kill in between leaves no `final` (which reads as "not written"),
             # never a half-deleted old one that still looks valid.
-            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-{os.getpid()}-", dir=final.parent))
             os.replace(final, old / final.name)
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
@@ -51,6 +54,28 @@ def atomic_path(final: Path) -> Iterator[Path]:
         else:
             tmp.unlink(missing_ok=True)
         raise
+
+
+def _prune_siblings(final: Path) -> None:
+    """Remove ``.<name>.tmp-<pid>-*`` / ``.old-<pid>-*`` leftovers of processes that were killed mid-write."""
+    leftovers = [p for kind in ("tmp", "old") for p in final.parent.glob(f".{glob.escape(final.name)}.{kind}-*-*")]
+    for leftover in leftovers:
+        pid = leftover.name.rsplit(".", 1)[-1].split("-")[1]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            if leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @contextlib.contextmanager
@@ -118,17 +143,26 @@ def read_mask(path: Path) -> np.ndarray:
 
 
 def stage_main(run: Callable, name: str) -> None:
-    """Entry point of ``python -m tasks.<name>``: load params.yaml, call ``run``.
+    """Entry point of ``python -m tasks.<name>``: load params.yaml, call ``run`` under :func:`_guard.guarded`.
 
-    Expected failures (:class:`SegflowError`) print one line and exit with status 2;
-    anything else keeps its traceback.
+    Expected failures (:class:`SegflowError`) print one line and exit with status 2; a signal (or the
+    end of the process that started the stage) prints one line and exits with 128 + the signal number;
+    either way, under DVC, the outputs of the last successful run are put back first. Anything else
+    keeps its traceback.
     """
+    from tasks import _guard
     from tasks.params import load_params
 
     logging.basicConfig(level=logging.INFO, format=f"[{name}] %(levelname)s %(message)s")
     try:
-        params = load_params()
-        run(params, params.paths)
+        with _guard.guarded(name):
+            params = load_params()
+            run(params, params.paths)
     except SegflowError as error:
-        print(f"segflow {name}: error: {error}", file=sys.stderr)
+        _guard.say(name, f"error: {error}")
         sys.exit(2)
+    except (KeyboardInterrupt, _guard.Interrupted) as error:
+        reason = getattr(error, "reason", "interrupted")
+        kept = "; the outputs of its last successful run are in place" if _guard.under_dvc() else ""
+        _guard.say(name, f"stopped ({reason}){kept}")
+        sys.exit(_guard.exit_code(error))

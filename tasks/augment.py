@@ -9,6 +9,11 @@ model will see them.
 
 from __future__ import annotations
 
+from tasks._guard import preflight
+
+if __name__ == "__main__":
+    preflight("augment")  # a bad params.yaml fails here, before the imports below (seconds for torch)
+
 import logging
 
 import albumentations as A

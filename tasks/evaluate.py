@@ -12,6 +12,11 @@ every test image at full size and writes ``${paths.evaluate}/``:
 
 from __future__ import annotations
 
+from tasks._guard import preflight
+
+if __name__ == "__main__":
+    preflight("evaluate")  # a bad params.yaml fails here, before the imports below (seconds for torch)
+
 import json
 import logging
 

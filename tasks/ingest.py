@@ -21,6 +21,11 @@ its ``ingest.group``), so adding images never moves an existing one; with
 
 from __future__ import annotations
 
+from tasks._guard import preflight
+
+if __name__ == "__main__":
+    preflight("ingest")  # a bad params.yaml fails here, before the imports below (seconds for torch)
+
 import hashlib
 import logging
 import multiprocessing

@@ -389,7 +389,7 @@ def parse_params(data: dict | None, source: Path | str = PARAMS_FILE) -> Params:
 
 
 def load_params(path: Path | str = PARAMS_FILE) -> Params:
-    """Read and validate params.yaml.
+    """Read and validate params.yaml; stage outputs (``paths``) must stay inside the project (its folder).
 
     Raises:
         ParamsError: the file is missing, is not YAML, or holds a bad key or value.
@@ -398,12 +398,38 @@ def load_params(path: Path | str = PARAMS_FILE) -> Params:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ParamsError(f"{path}: not found; run from the project root (where dvc.yaml is)") from None
+        raise ParamsError(
+            f"{path.absolute()}: not found; segflow reads params.yaml from the project root (the folder holding "
+            "dvc.yaml): run from there, or restore the file (git checkout -- params.yaml)"
+        ) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        detail = " ".join(str(error).split())
-        raise ParamsError(f"{path}: not valid YAML ({detail})") from None
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = " ".join(str(getattr(error, "problem", None) or error).split())
+        raise ParamsError(
+            f"{where}: not valid YAML ({problem}); check the indentation, colons and quotes there"
+        ) from None
     if data is not None and not isinstance(data, dict):
         raise ParamsError(f"{path}: must be a mapping of sections, got {type(data).__name__}")
-    return parse_params(data, path)
+    params = parse_params(data, path)
+    check_paths(params, path.absolute().parent, path)
+    return params
+
+
+def check_paths(params: Params, root: Path, source: Path | str = PARAMS_FILE) -> None:
+    """Every ``paths.*`` must resolve inside ``root`` (links followed): stages write nowhere else.
+
+    Raises:
+        ParamsError: a path that is absolute outside the project, climbs out with ``..``, or leads out
+            through a symbolic link.
+    """
+    root = Path(root).resolve()
+    for key, value in params.paths.model_dump().items():
+        target = (root / value).resolve()
+        if target == root or not target.is_relative_to(root):
+            raise ParamsError(
+                f"{source}: paths.{key}: {value} is outside the project ({root}); stage outputs stay inside it, "
+                f"e.g. paths.{key}: data/{key}"
+            )

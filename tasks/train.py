@@ -10,10 +10,14 @@ validation split).
 
 from __future__ import annotations
 
+from tasks._guard import preflight
+
+if __name__ == "__main__":
+    preflight("train")  # a bad params.yaml fails here, before the imports below (seconds for torch)
+
 import logging
 import os
 import sys
-import tempfile
 
 import lightning as L
 import segmentation_models_pytorch as smp
@@ -23,8 +27,8 @@ from dvclive.lightning import DVCLiveLogger
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
-from tasks import _metrics, _model
-from tasks._common import stage_main
+from tasks import _guard, _metrics, _model
+from tasks._common import SegflowError, stage_main
 from tasks._data import SegmentationDataset, same_shape_batches, seed_worker
 from tasks._files import (
     EVAL_PIPELINE,
@@ -141,6 +145,19 @@ def resolve_precision(precision: str, accelerator: str) -> str:
     return "32-true"
 
 
+def check_accelerator(accelerator: str) -> None:
+    """``gpu`` needs a GPU torch can use.
+
+    Raises:
+        SegflowError: there is none.
+    """
+    if accelerator == "gpu" and not (torch.cuda.is_available() or torch.backends.mps.is_available()):
+        raise SegflowError(
+            "train.accelerator is gpu, but torch finds no usable GPU on this machine (no CUDA device); "
+            "set train.accelerator: auto (a GPU when there is one, else the CPU) or cpu"
+        )
+
+
 def _loader(dataset: SegmentationDataset, params: TrainParams, seed: int, train: bool) -> DataLoader:
     common = {
         "num_workers": params.num_workers,
@@ -168,6 +185,7 @@ def run(params: Params, paths: Paths) -> dict:
         Training summary (also stored in the model card's ``training`` field).
     """
     cfg = params.train
+    check_accelerator(cfg.accelerator)
     L.seed_everything(params.seed, workers=True, verbose=False)
     manifest = read_manifest(paths.ingest)
     train_rows = split_rows(manifest, "train")
@@ -186,7 +204,7 @@ def run(params: Params, paths: Paths) -> dict:
     live = _StageLive(dir=str(live_dir), dvcyaml=None, save_dvc_exp=False, report=None)
     logger = DVCLiveLogger(experiment=live, log_model=False)
 
-    with tempfile.TemporaryDirectory(prefix="segflow-train-") as scratch:
+    with _guard.scratch("train") as scratch:
         checkpoint = ModelCheckpoint(dirpath=scratch, monitor=MONITOR, mode="max", save_top_k=1, save_weights_only=True)
         trainer = L.Trainer(
             max_epochs=cfg.epochs,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import segmentation_models_pytorch as smp
 import yaml
@@ -60,11 +62,18 @@ def test_all_problems_reported_at_once():
 
 
 def test_file_errors_are_one_line(tmp_path):
-    with pytest.raises(ParamsError, match="not found"):
+    with pytest.raises(ParamsError) as info:
         load_params(tmp_path / "params.yaml")
+    assert str(info.value).startswith(f"{tmp_path / 'params.yaml'}: not found; segflow reads params.yaml")
     bad = tmp_path / "bad.yaml"
+    bad.write_text("seed: 1\ntrain:\n  lr: 0.1\n   epochs: 3\n")
+    with pytest.raises(ParamsError) as info:
+        load_params(bad)
+    # file:line:column of the problem, what it is, what to check
+    assert str(info.value).startswith(f"{bad}:4:10: not valid YAML (mapping values are not allowed here)")
+    assert "indentation" in str(info.value) and "\n" not in str(info.value)
     bad.write_text("train: [unclosed\n")
-    with pytest.raises(ParamsError, match="not valid YAML") as info:
+    with pytest.raises(ParamsError, match=r"bad.yaml:2:1: not valid YAML") as info:
         load_params(bad)
     assert "\n" not in str(info.value)
     bad.write_text("- a\n- b\n")
@@ -92,3 +101,22 @@ def test_synthetic_class_limit_matches_the_generator():
 def test_paths_reroot(tmp_path):
     paths = Params().paths.under(tmp_path)
     assert paths.train == tmp_path / "data" / "train"
+
+
+@pytest.mark.parametrize("value", ["../outside", "/etc/segflow", ".", "data/../.."])
+def test_outputs_must_stay_inside_the_project(tmp_path, value):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"paths": {"train": value}}))
+    with pytest.raises(ParamsError, match=rf"paths.train: {re.escape(value)} is outside the project"):
+        load_params(tmp_path / "params.yaml")
+
+
+def test_outputs_may_not_leave_through_a_symbolic_link(tmp_path):
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    (project / "data").mkdir(parents=True)
+    elsewhere.mkdir()
+    (project / "data" / "out").symlink_to(elsewhere)
+    (project / "params.yaml").write_text(yaml.safe_dump({"paths": {"evaluate": "data/out/evaluate"}}))
+    with pytest.raises(ParamsError, match=r"paths\.evaluate: data/out/evaluate is outside the project"):
+        load_params(project / "params.yaml")
+    (project / "params.yaml").write_text(yaml.safe_dump({"paths": {"evaluate": str(project / "data/evaluate")}}))
+    assert load_params(project / "params.yaml").paths.evaluate == project / "data/evaluate"

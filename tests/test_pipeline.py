@@ -63,10 +63,14 @@ def prefect_api(tmp_path_factory) -> str:
         pytest.fail(str(error))
 
 
+# Credentials in the environment of every run here: none may show up in logs, artifacts or outputs.
+CANARY = "segflow-canary-7f3a9c"
+SECRETS = {"AWS_SECRET_ACCESS_KEY": CANARY, "PREFECT_API_KEY": CANARY + "-key", "HF_TOKEN": CANARY + "-hf"}
+
+
 def _segflow(project: Path, api: str, *args: str) -> subprocess.CompletedProcess:
-    return _run(
-        [str(BIN / "segflow"), "--root", str(project), "run", *args], project, stage_env(PREFECT_API_URL=api), False
-    )
+    env = stage_env(PREFECT_API_URL=api, **SECRETS)
+    return _run([str(BIN / "segflow"), "--root", str(project), "run", *args], project, env, False)
 
 
 def test_dvc_repro_runs_the_whole_pipeline_then_nothing(project):
@@ -120,6 +124,19 @@ def test_flow_run_skips_unchanged_stages_and_leaves_the_same_lock(project, prefe
     assert [row["class"] for row in rows] == ["background", "disk", "box", "triangle"]
 
 
+def test_no_credential_reaches_logs_artifacts_or_outputs(project, prefect_api):
+    proc = _segflow(project, prefect_api, "--force")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    seen = [("terminal", proc.stdout + proc.stderr)]
+    for kind in ("logs", "artifacts", "flow_runs", "task_runs"):
+        seen.append((kind, httpx.post(f"{prefect_api}/{kind}/filter", json={}, timeout=10).text))
+    for path in (project / "data").rglob("*"):
+        if path.is_file():
+            seen.append((str(path), path.read_bytes().decode("latin-1")))
+    assert [where for where, text in seen if CANARY in text] == []
+    assert len(seen) > 20
+
+
 def test_params_change_reruns_only_the_affected_stage(project, prefect_api):
     _set_params(project, {"evaluate": {"preview_samples": 3}})
     proc = _segflow(project, prefect_api)
@@ -132,6 +149,7 @@ def test_params_change_reruns_only_the_affected_stage(project, prefect_api):
 def test_failing_stage_stops_the_flow_with_its_one_line_error(project, prefect_api):
     params = project / "params.yaml"
     original = params.read_bytes()
+    model = (project / "data/train/model/model.safetensors").read_bytes()
     try:
         _set_params(project, {"train": {"encoder": "resnet19"}})
         proc = _segflow(project, prefect_api)
@@ -142,5 +160,6 @@ def test_failing_stage_stops_the_flow_with_its_one_line_error(project, prefect_a
     assert error.startswith("segflow: error: stage 'train' failed"), proc.stderr
     assert "resnet19" in error
     assert "Running stage 'evaluate'" not in proc.stdout + proc.stderr
-    # The failed stage left no lock entry that claims it is up to date.
-    assert "train" in _dvc(project, "status").stdout
+    # The failed stage put the last good model back: with the params as they were, nothing is stale.
+    assert (project / "data/train/model/model.safetensors").read_bytes() == model
+    assert "up to date" in _dvc(project, "status").stdout
