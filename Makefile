@@ -14,7 +14,7 @@ export DVC_NO_ANALYTICS ?= 1
 # Stages run `python -m tasks.<stage>`: make that python the venv's.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install demo test test-all bench lint clean-outputs
+.PHONY: install demo test test-all bench reliability lint clean-outputs
 
 install: $(STAMP)
 
@@ -40,6 +40,10 @@ test-all: install
 ## Benchmarks; writes docs/benchmarks.md.
 bench: install
 	$(BIN)/python bench/run.py
+
+## The reliability tests; writes docs/reliability.md (promise, test, last result).
+reliability: install
+	$(BIN)/python bench/reliability.py
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -272,6 +272,9 @@ class TrainParams(_Section):
     #: Devices (GPUs) to train on. Only 1 so far: see the validator.
     devices: int = Field(1, ge=1)
     precision: Precision = "auto"
+    #: Deterministic kernels (torch.use_deterministic_algorithms, no cuDNN autotuning): bit-identical reruns on
+    #: the same GPU and software, at some speed. CPU training is deterministic either way.
+    deterministic: bool = False
 
     @field_validator("encoder_weights")
     @classmethod

@@ -208,6 +208,7 @@ def run(params: Params, paths: Paths) -> dict:
         checkpoint = ModelCheckpoint(dirpath=scratch, monitor=MONITOR, mode="max", save_top_k=1, save_weights_only=True)
         trainer = L.Trainer(
             max_epochs=cfg.epochs,
+            deterministic=cfg.deterministic,
             accelerator=cfg.accelerator,
             devices=cfg.devices,
             precision=precision,
