@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from flows.pipeline import stage_env
+from flows._env import stage_env
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -46,7 +46,8 @@ def fresh_project(dest: Path, params: dict | None = None) -> Path:
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
-    shutil.copytree(ROOT / "tasks", dest / "tasks", ignore=shutil.ignore_patterns("__pycache__"))
+    for package in ("tasks", "flows"):  # the stages, and the flow a deployment runs from the project
+        shutil.copytree(ROOT / package, dest / package, ignore=shutil.ignore_patterns("__pycache__"))
     (dest / ".dvc").mkdir()
     for name in PROJECT_FILES:
         (dest / name).parent.mkdir(parents=True, exist_ok=True)

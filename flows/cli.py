@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import signal
 import sys
@@ -42,6 +43,37 @@ def _on_server_gone(signum, _frame) -> None:
     raise ServerGone(signum)
 
 
+class _WithoutTraceback(logging.Formatter):
+    """A console formatter that leaves tracebacks out (``--debug`` keeps them): one line per problem."""
+
+    def __init__(self, inner: logging.Formatter):
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        saved = record.exc_info, record.exc_text, record.stack_info
+        record.exc_info = record.exc_text = record.stack_info = None
+        try:
+            return self.inner.format(record)
+        finally:
+            record.exc_info, record.exc_text, record.stack_info = saved
+
+
+def _quiet_console() -> None:
+    """Prefect's console log: no tracebacks (Prefect also logs "NoneType: None" for failed states)."""
+    from prefect.logging.configuration import ensure_logging_setup
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    ensure_logging_setup()
+    loggers = [
+        logging.getLogger(),
+        *(v for v in logging.Logger.manager.loggerDict.values() if isinstance(v, logging.Logger)),
+    ]
+    for handler in {h for logger in loggers for h in logger.handlers}:
+        if isinstance(handler, PrefectConsoleHandler) and not isinstance(handler.formatter, _WithoutTraceback):
+            handler.setFormatter(_WithoutTraceback(handler.formatter or logging.Formatter()))
+
+
 def _prefect_defaults() -> None:
     """Quiet, local-only Prefect defaults, unless the user set them."""
     # Offline machines log telemetry errors from the server otherwise.
@@ -49,9 +81,10 @@ def _prefect_defaults() -> None:
 
 
 def _report(summary: dict) -> str:
-    from flows.pipeline import headline
+    from flows._summary import headline
 
-    lines = ["", "segflow: pipeline finished"]
+    ran = any(s["status"] == "ran" for s in summary["stages"])
+    lines = ["", "segflow: pipeline finished" + ("" if ran else ": nothing changed, every stage is up to date")]
     lines += [f"  {s['stage']:<10} {s['status']:<8} {s['seconds']:>7.1f}s" for s in summary["stages"]]
     outputs = summary["outputs"]
     lines += [
@@ -63,19 +96,22 @@ def _report(summary: dict) -> str:
     ]
     if summary["metrics"]:
         lines.append(f"  {headline(summary['metrics'])}")
+        lines.append(f"  {summary['change']}")
     return "\n".join(lines)
 
 
 @contextlib.contextmanager
 def _prefect_api(root: Path) -> Iterator[str]:
-    """The Prefect API to record the run on: ``PREFECT_API_URL`` when set, else a temporary local server
-    (its database in ``PREFECT_HOME``, by default the project's ``.segflow/prefect``), stopped afterwards."""
+    """The Prefect API to record the run on: ``PREFECT_API_URL`` or the project's ``segflow server`` when
+    there is one, else a temporary local server (same database, ``.segflow/prefect``) stopped afterwards."""
+    from flows.ops import find_api, prefect_home
     from flows.server import local_server
 
-    if os.environ.get("PREFECT_API_URL"):
-        yield os.environ["PREFECT_API_URL"]
+    api = find_api(root)
+    if api:
+        yield api
         return
-    home = Path(os.environ.get("PREFECT_HOME") or root / ".segflow" / "prefect")
+    home = prefect_home(root)
     print(f"segflow: starting a temporary Prefect server (database in {home})", file=sys.stderr, flush=True)
     # If the server dies mid-run, interrupt the run: there is nowhere left to record it.
     signal.signal(signal.SIGUSR1, _on_server_gone)
@@ -96,30 +132,43 @@ def _prefect_api(root: Path) -> Iterator[str]:
                 APILogWorker.drain_all(timeout=5)
 
 
-def run(root: Path, force: bool, retries: int) -> int:
+def run(root: Path, force: bool, stages: list[str] | None, retries: int, debug: bool = False) -> int:
     """``segflow run``: pre-flight checks, then the flow against a Prefect server."""
     from prefect import tags
     from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES, temporary_settings
 
     from flows._lock import check_free
+    from flows.ops import find_api
     from flows.pipeline import pipeline
     from flows.server import PROCESS_TAG, crash_orphaned_runs
+    from tasks._common import SegflowError
     from tasks._guard import process_identity
     from tasks.params import load_params
 
     load_params(root / "params.yaml")  # every stage's params, before anything starts or is deleted
     check_free(root)
+    if not debug:
+        _quiet_console()
+    temporary = find_api(root) is None
     with _prefect_api(root) as api:
         for name in crash_orphaned_runs(api):
             print(f"segflow: flow run {name} was left RUNNING by a killed segflow; marked CRASHED", file=sys.stderr)
         settings = {PREFECT_API_URL: api}
-        if not os.environ.get("PREFECT_API_URL"):
+        if temporary:
             # A local temporary server has no flaky network to ride out; if it is gone, fail fast.
             settings[PREFECT_CLIENT_MAX_RETRIES] = 1
         with temporary_settings(settings), tags("segflow", PROCESS_TAG + process_identity()):
-            summary = pipeline(root=str(root), force=force, retries=retries)
-    print(_report(summary))
+            state = pipeline(root=str(root), force=force, stages=stages, retries=retries, return_state=True)
+    if state.is_failed():
+        raise SegflowError(state.message)
+    print(_report(state.result()))
     return 0
+
+
+def _api_or_fail(root: Path) -> str:
+    from flows.ops import require_api
+
+    return require_api(root)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,8 +178,14 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     run_parser = commands.add_parser("run", help="run the pipeline (Prefect flow over the DVC stages)")
     run_parser.add_argument("--force", action="store_true", help="rerun every stage even if nothing changed")
-    run_parser.add_argument("--retries", type=int, default=0, help="Prefect retries per stage (default 0)")
+    run_parser.add_argument("--stage", action="append", dest="stages", help="run only this stage (and its inputs)")
+    run_parser.add_argument("--retries", type=int, default=0, help="retries of a killed stage (default 0)")
     commands.add_parser("stages", help="list the pipeline's stages in run order")
+    server_parser = commands.add_parser("server", help="a local Prefect server and dashboard on 127.0.0.1")
+    server_parser.add_argument("--port", type=int, default=4200, help="port (default 4200)")
+    deploy_parser = commands.add_parser("deploy", help="create/update the scheduled 'retrain' deployment")
+    deploy_parser.add_argument("--cron", help="schedule (default: schedule.cron in params.yaml)")
+    commands.add_parser("worker", help="run a worker that executes scheduled runs, in this project")
     args = parser.parse_args(argv)
 
     root = args.root.resolve()
@@ -142,21 +197,45 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _on_sigterm)
     _prefect_defaults()
     try:
-        if args.command == "stages":
-            from flows.pipeline import stage_order
-
-            print("\n".join(stage_order(root)))
-            return 0
-        return run(root, args.force, args.retries)
+        return _dispatch(args, root)
     except BaseException as error:  # every way out gets one line
         return _fail(error, args.debug)
+
+
+def _dispatch(args: argparse.Namespace, root: Path) -> int:
+    from flows import ops
+
+    if args.command == "stages":
+        from flows._plan import stage_order
+
+        print("\n".join(stage_order(root)))
+        return 0
+    if args.command == "server":
+        return ops.serve(root, args.port)
+    if args.command == "deploy":
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        with temporary_settings({PREFECT_API_URL: _api_or_fail(root)}):
+            info = ops.deploy(root, args.cron)
+        print(
+            f"segflow: deployment {info['name']} (id {info['id']}) runs on work pool '{info['work_pool']}' at "
+            f"'{info['cron']}' ({info['timezone']}); start a worker with `segflow worker`"
+        )
+        return 0
+    if args.command == "worker":
+        api = _api_or_fail(root)
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        with temporary_settings({PREFECT_API_URL: api}):
+            return ops.worker(root, api)
+    return run(root, args.force, args.stages, args.retries, args.debug)
 
 
 def _fail(error: BaseException, debug: bool) -> int:
     """Print one line for ``error`` (and its traceback with ``--debug``); return the exit status."""
     from prefect.exceptions import TerminationSignal
 
-    from flows.pipeline import StageFailed
+    from flows._stage import StageFailed
     from tasks._common import SegflowError
 
     if debug:

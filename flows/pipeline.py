@@ -3,239 +3,118 @@
 The stage list and order come from DVC itself (the graph of ``dvc.yaml``), and
 each stage runs as ``dvc repro --single-item <stage>``: a flow run and
 ``dvc repro`` share one cache, skip the same unchanged stages and leave the
-same ``dvc.lock``. Prefect adds logs, retries, a run history, artifacts (the
-test metrics) and schedules.
+same ``dvc.lock``. The flow asks DVC once, in-process, which stages are stale
+and starts DVC only for those, so a run where nothing changed costs about
+what ``dvc repro`` costs. Prefect adds logs, retries, a run history,
+artifacts (summary with provenance, metrics, curves, data report) and
+schedules (see :mod:`flows.ops`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import os
-import subprocess
-import sys
-import time
-from collections import deque
 from pathlib import Path
 
-from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect import flow, get_run_logger
+from prefect.states import Failed
 
-from flows._leash import stop_group
+from flows import _summary
+from flows._env import stage_env
 from flows._lock import project_lock
-from tasks._files import LIVE_DIR, METRICS, MODEL_DIR, PREDICTIONS, REPORT_MD
-from tasks._guard import PARENT_ENV, process_identity, restore
+from flows._plan import dvc, has_remote, stage_order, stages_to_run
+from flows._stage import GPU_LIMIT, StageFailed, run_stage
+from tasks._common import SegflowError
 from tasks.params import load_params
 
-
-class StageFailed(RuntimeError):
-    """A DVC stage exited non-zero; the message carries its own last error line."""
+__all__ = ["StageFailed", "pipeline", "stage_env", "stage_order"]
 
 
-def stage_order(root: Path | str = ".") -> list[str]:
-    """The pipeline stages of the DVC project at ``root``, dependencies first.
+def ensure_gpu_limit(slots: int = 1) -> None:
+    """Create the global concurrency limit GPU stages take a slot of, unless it exists (then it is kept,
+    so a machine with more GPUs can raise it: ``prefect gcl update gpu --limit 2``)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
-    Uses DVC's own planner over the ``dvc.yaml`` graph, so this order is the
-    one ``dvc repro`` would take. Data tracked by ``.dvc`` files has no command
-    and is left out.
-    """
-    from dvc.repo import Repo
-    from dvc.repo.reproduce import plan_repro
-
-    with Repo(str(root)) as repo:
-        return [stage.addressing for stage in plan_repro(repo.index.graph) if stage.cmd]
-
-
-def stage_env(**extra: str) -> dict[str, str]:
-    """The environment for a stage: this interpreter's bin folder first on PATH, hub offline.
-
-    dvc.yaml commands say ``python -m tasks.x``; without the PATH entry a flow
-    started as ``.venv/bin/segflow`` from an unactivated shell would run the
-    stages with whatever ``python`` the shell finds. ``HF_HUB_OFFLINE`` defaults
-    to 1 so a hub weights name fails at once rather than waiting on a network
-    segflow does not use (set it to 0 where the hub is reachable).
-    """
-    env = dict(os.environ)
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.update(extra)
-    return env
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """Stop a stage and everything it started, and wait until all of it is gone.
-
-    The stage runs in its own session (DVC starts its command through a shell); SIGTERM lets it put back
-    its last good outputs (tasks/_guard.py) before it exits, SIGKILL follows for what is left after 30 s.
-    """
-    stop_group(proc.pid, grace=30)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=5)
-
-
-def _failure_reason(stage: str, lines: deque[str], code: int) -> str:
-    """The most useful line of a failed stage's output: its own one-line error if it printed one.
-
-    DVC's "is busy" error names the blocking processes on the lines after it: they join it on one line.
-    """
-    lines = list(lines)
-    for prefix in ("segflow ", "ERROR"):
-        found = [i for i, line in enumerate(lines) if line.startswith(prefix)]
-        if found:
-            line = lines[found[-1]]
-            if "is busy, it is being blocked by:" in line:
-                blockers = [b.strip() for b in lines[found[-1] + 1 :] if b.strip().startswith("(PID")]
-                line = f"{line} {'; '.join(blockers)} (wait for it to finish, or stop it)"
-            return f"stage '{stage}' failed: {line}"
-    return f"stage '{stage}' failed with exit code {code}: {lines[-1] if lines else 'no output'}"
-
-
-def _stage_command(stage: str, force: bool) -> list[str]:
-    """``dvc repro --single-item <stage>``, on a leash: it stops if this process dies (flows/_leash.py)."""
-    dvc = [sys.executable, "-m", "dvc", "repro", "--single-item", stage, *(["--force"] if force else [])]
-    return [sys.executable, "-m", "flows._leash", process_identity(), "--", *dvc]
-
-
-def _stage_run_env() -> dict[str, str]:
-    """The stage's environment: who owns it (the stage watches that process) and which flow run it serves."""
-    from prefect.runtime import flow_run
-    from prefect.settings import PREFECT_API_URL
-
-    extra = {PARENT_ENV: process_identity()}
-    if flow_run.id and PREFECT_API_URL.value():
-        extra |= {"SEGFLOW_FLOW_RUN": str(flow_run.id), "PREFECT_API_URL": PREFECT_API_URL.value()}
-    return stage_env(**extra)
-
-
-@task(name="dvc-stage", task_run_name="{stage}")
-def run_stage(stage: str, root: str, force: bool = False) -> dict:
-    """Run one DVC stage (``dvc repro --single-item``), streaming its output into the run's log.
-
-    Interrupted (Ctrl-C, SIGTERM, a Prefect cancel), it stops the stage and everything under it before
-    it returns; a failed or stopped stage leaves the outputs of its last successful run in place.
-
-    Returns:
-        ``{"stage", "status": "ran" | "skipped", "seconds"}``.
-
-    Raises:
-        StageFailed: the stage (or DVC) exited non-zero.
-    """
-    logger = get_run_logger()
-    started = time.perf_counter()
-    ran = False
-    tail: deque[str] = deque(maxlen=40)
-    with subprocess.Popen(
-        _stage_command(stage, force),
-        cwd=root,
-        env=_stage_run_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        bufsize=1,
-        start_new_session=True,  # its own process group: a terminal's Ctrl-C reaches segflow, which stops it
-    ) as proc:
+    with get_client(sync_client=True) as client:
         try:
-            for raw in proc.stdout:
-                line = raw.rstrip()
-                if not line:
-                    continue
-                tail.append(line)
-                ran = ran or line.startswith("Running stage")
-                logger.info("%s", line)
-            code = proc.wait()
-        except BaseException:
-            _stop(proc)
-            # Everything that wrote to the pipe is gone now: log what it said on its way out.
-            for line in proc.stdout.read().splitlines():
-                if line.strip():
-                    logger.info("%s", line.rstrip())
-            # The stage restores its own outputs when stopped; this covers a stop before it started.
-            restore(stage, Path(root))
-            raise
-    if code != 0:
-        restore(stage, Path(root))
-        raise StageFailed(_failure_reason(stage, tail, code))
-    result = {"stage": stage, "status": "ran" if ran else "skipped", "seconds": round(time.perf_counter() - started, 1)}
-    logger.info("stage %s %s in %.1fs", stage, result["status"], result["seconds"])
-    return result
+            client.read_global_concurrency_limit_by_name(GPU_LIMIT)
+        except ObjectNotFound:
+            with contextlib.suppress(ObjectAlreadyExists):
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=GPU_LIMIT, limit=slots))
 
 
-def collect_outputs(root: Path) -> dict:
-    """Where the pipeline's results are, and the headline test metrics if evaluate has run."""
-    params = load_params(root / "params.yaml")
-    paths = params.paths
-    outputs = {
-        "metrics": str(paths.evaluate / METRICS),
-        "training_metrics": str(paths.train / LIVE_DIR / "metrics.json"),
-        "predictions": str(paths.evaluate / PREDICTIONS),
-        "model": str(paths.train / MODEL_DIR),
-        "data_report": str(paths.ingest / REPORT_MD),
-    }
-    metrics_file = root / paths.evaluate / METRICS
-    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else None
-    report_file = root / paths.ingest / REPORT_MD
-    report = report_file.read_text(encoding="utf-8") if report_file.is_file() else None
-    return {"outputs": outputs, "metrics": metrics, "data_report": report}
-
-
-def headline(metrics: dict) -> str:
-    """The test scores in one line: macro IoU and Dice, per-class IoU."""
-    iou, dice = metrics["iou"], metrics["dice"]
-    scored = {name: value for name, value in iou["per_class"].items() if value is not None}
-    per_class = ", ".join(f"{name} {value:.3f}" for name, value in scored.items())
-    return (
-        f"test IoU (macro over {len(scored)} classes) {iou['macro']:.4f}, Dice (macro) {dice['macro']:.4f} "
-        f"on {metrics['images']} images; IoU per class: {per_class}"
-    )
-
-
-def _publish(stages: list[dict], outputs: dict) -> None:
-    """Show the run's stages and test metrics as Prefect artifacts (dashboard, Artifacts tab)."""
-    metrics = outputs["metrics"]
-    lines = ["# segflow pipeline", "", "| stage | status | seconds |", "|---|---|---|"]
-    lines += [f"| {s['stage']} | {s['status']} | {s['seconds']} |" for s in stages]
-    if metrics:
-        iou, dice = metrics["iou"], metrics["dice"]
-        lines += ["", f"**{headline(metrics)}**", "", f"Reduction: {metrics['reduction']}"]
-        create_table_artifact(
-            key="segflow-test-metrics",
-            table=[
-                {"class": name, "iou": iou["per_class"][name], "dice": dice["per_class"][name]}
-                for name in iou["per_class"]
-            ],
-            description="Per-class IoU and Dice on the test split (pixel counts summed over images).",
-        )
-    lines += ["", *[f"- {name}: `{path}`" for name, path in outputs["outputs"].items()]]
-    create_markdown_artifact(key="segflow-pipeline-summary", markdown="\n".join(lines), description="segflow run")
-    if outputs["data_report"]:
-        create_markdown_artifact(
-            key="segflow-data-report",
-            markdown=outputs["data_report"],
-            description="What ingest read: images per split, class shares, sizes, problems found",
-        )
+def _remote(root: Path, command: str, logger) -> None:
+    code, output = dvc(root, command)
+    for line in output.splitlines():
+        if line.strip():
+            (logger.info if code == 0 else logger.warning)("dvc %s: %s", command, line)
 
 
 @flow(name="segflow-pipeline")
-def pipeline(root: str = ".", force: bool = False, retries: int = 0) -> dict:
-    """Run every DVC stage of the project at ``root`` in dependency order.
+def pipeline(root: str = ".", force: bool = False, stages: list[str] | None = None, retries: int = 1):
+    """Run the DVC stages of the project at ``root`` in dependency order.
+
+    Run controls only (hyperparameters live in params.yaml, where DVC sees them):
 
     Args:
         root: the DVC project (the folder holding dvc.yaml and params.yaml).
-        force: rerun stages even when DVC sees no change (``dvc repro --force``).
-        retries: Prefect retries per stage (for flaky infrastructure, not bad data).
+        force: rerun stages even when nothing changed (``dvc repro --force``).
+        stages: only these stages and what they depend on (default: all).
+        retries: retries per stage, for failures that can change (a killed process, a busy lock);
+            bad data or params fail at once.
 
     Returns:
-        ``{"stages": [...], "outputs": {...}, "metrics": {...} | None}``.
+        ``{"stages": [...], "outputs": {...}, "metrics": ..., "provenance": ..., "change": ...}``, or a
+        Failed state whose message is the failing stage's one-line error.
     """
     logger = get_run_logger()
     root_path = Path(root).resolve()
-    # Pre-flight: every stage's params are checked before DVC deletes any output.
-    load_params(root_path / "params.yaml")
-    with project_lock(root_path):
-        order = stage_order(root_path)
-        logger.info("stages from dvc.yaml: %s", " -> ".join(order))
-        stage_task = run_stage.with_options(retries=retries, retry_delay_seconds=10)
-        stages = [stage_task(stage, str(root_path), force) for stage in order]
-    summary = {"stages": stages, **collect_outputs(root_path)}
-    _publish(stages, summary)
-    return summary
+    results, failure, before = [], None, None
+    try:
+        load_params(root_path / "params.yaml")  # every stage's params, before DVC deletes any output
+        before = _summary.read_metrics(root_path)
+        with project_lock(root_path):
+            results, failure = _run_stages(root_path, force, stages, retries, logger)
+    except (SegflowError, ValueError) as error:
+        failure = str(error)
+    result = {"root": root_path, **(_summary.outputs(root_path) if results else {}), "stages": results}
+    result["provenance"] = _summary.provenance(root_path) if results else {}
+    result["change"] = _summary.metric_change(before, result.get("metrics"))
+    if result["provenance"]:
+        first = _summary.publish(results, result, failure)
+        if not failure:
+            logger.info("%s", first)
+    else:
+        _summary.publish_failure(failure)
+    if failure:
+        logger.error("%s", failure)
+        return Failed(message=failure)
+    return {k: v for k, v in result.items() if k != "root"}
+
+
+def _run_stages(root: Path, force: bool, targets: list[str] | None, retries: int, logger) -> tuple[list, str | None]:
+    remote = has_remote(root)
+    if remote:
+        _remote(root, "pull", logger)
+    order, stale = stages_to_run(root, force, targets)
+    logger.info(
+        "stages from dvc.yaml: %s; to run: %s", " -> ".join(order), ", ".join(s for s in order if s in stale) or "none"
+    )
+    if stale & {"train"}:
+        ensure_gpu_limit()
+    task = run_stage.with_options(retries=retries, retry_delay_seconds=[5, 30, 120][: max(retries, 0)] or 0)
+    results, failure = [], None
+    for stage in order:
+        if failure:
+            results.append({"stage": stage, "status": "not run", "seconds": 0.0})
+            continue
+        state = task(stage, str(root), force, planned=stage in stale, return_state=True)
+        if state.is_failed():
+            failure = state.message
+            results.append({"stage": stage, "status": "failed", "seconds": 0.0, "note": state.message})
+        else:
+            results.append(state.result())
+    if remote and not failure and any(r["status"] == "ran" for r in results):
+        _remote(root, "push", logger)
+    return results, failure

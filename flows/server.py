@@ -20,8 +20,8 @@ from pathlib import Path
 
 import httpx
 
+from flows._env import stage_env
 from flows._leash import stop_group
-from flows.pipeline import stage_env
 from tasks._guard import is_alive, process_identity
 
 #: Tag prefix naming the segflow process behind a flow run (see :func:`crash_orphaned_runs`).

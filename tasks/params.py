@@ -301,6 +301,22 @@ class EvaluateParams(_Section):
     preview_samples: int = Field(6, ge=1, le=64)
 
 
+class ScheduleParams(_Section):
+    """Scheduled retraining (``segflow deploy``): when, and on which Prefect work pool. Not a stage."""
+
+    #: Cron expression of the deployment's schedule (default: nightly at 02:00).
+    cron: str = "0 2 * * *"
+    timezone: str = "UTC"
+    work_pool: str = Field("segflow", min_length=1)
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        if len(value.split()) not in (5, 6):
+            raise ValueError("must be a cron expression of 5 fields, e.g. '0 2 * * *' (02:00 every day)")
+        return value
+
+
 class Params(_Section):
     """The whole params.yaml."""
 
@@ -311,6 +327,7 @@ class Params(_Section):
     augment: AugmentParams = AugmentParams()
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
+    schedule: ScheduleParams = ScheduleParams()
 
     @field_validator("classes")
     @classmethod

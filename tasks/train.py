@@ -28,6 +28,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from tasks import _guard, _metrics, _model
+from tasks._callbacks import EpochLog
 from tasks._common import SegflowError, stage_main
 from tasks._data import SegmentationDataset, same_shape_batches, seed_worker
 from tasks._files import (
@@ -213,7 +214,7 @@ def run(params: Params, paths: Paths) -> dict:
             devices=cfg.devices,
             precision=precision,
             logger=logger,
-            callbacks=[checkpoint] if len(val_set) else [],
+            callbacks=[EpochLog(), *([checkpoint] if len(val_set) else [])],
             enable_checkpointing=bool(len(val_set)),
             default_root_dir=scratch,
             log_every_n_steps=1,

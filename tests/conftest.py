@@ -71,3 +71,66 @@ def isbi_or_skip() -> Path:
     if not (ISBI / "images").is_dir():
         pytest.skip(f"ISBI 2012 dataset not found at {ISBI}")
     return ISBI
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory) -> str:
+    """One real Prefect server for the whole session, started as users start it: ``segflow server --port P``
+    (127.0.0.1, its own PREFECT_HOME, the dashboard told its API port). Stopped with Ctrl-C (SIGINT) at the end."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    from flows._env import stage_env
+    from flows.server import free_port, healthy
+
+    home = tmp_path_factory.mktemp("prefect-server")
+    port = free_port()
+    log = (home / "segflow-server.log").open("w")
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "segflow"), "--root", str(ROOT), "server", "--port", str(port)],
+        env=stage_env(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_API_URL=""),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    api = f"http://127.0.0.1:{port}/api"
+    deadline = time.monotonic() + 180
+    while not healthy(api):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"segflow server did not start: {(home / 'segflow-server.log').read_text()[-3000:]}")
+        time.sleep(0.5)
+    assert httpx.get(f"{api}/health", timeout=5).json() is True
+    yield api
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+def flow_run_named_in(output: str, api: str) -> dict:
+    """The flow run a ``segflow run`` output names ("Beginning flow run 'xyz'"), read from the API."""
+    import re
+
+    import httpx
+
+    name = re.search(r"Beginning flow run '([^']+)'", output).group(1)
+    (run,) = httpx.post(f"{api}/flow_runs/filter", json={"flow_runs": {"name": {"any_": [name]}}}, timeout=10).json()
+    return run
+
+
+def run_children(api: str, run_id: str, kind: str) -> list[dict]:
+    """The task runs, logs or artifacts of one flow run."""
+    import httpx
+
+    body = {"task_runs": {"flow_run_id": {"any_": [run_id]}}}
+    if kind == "logs":
+        body = {"logs": {"flow_run_id": {"any_": [run_id]}}, "limit": 200}
+    elif kind == "artifacts":
+        body = {"artifacts": {"flow_run_id": {"any_": [run_id]}}}
+    return httpx.post(f"{api}/{kind}/filter", json=body, timeout=10).json()

@@ -140,7 +140,7 @@ def test_every_stage_module_is_in_the_graph():
 
 
 def test_flow_runs_the_stages_in_dvc_order():
-    from flows.pipeline import stage_order
+    from flows._plan import stage_order
 
     assert stage_order(ROOT) == list(STAGES)
 

@@ -7,7 +7,9 @@ import subprocess
 import time
 from collections import deque
 
-from flows.pipeline import _failure_reason, _stop, headline
+from flows._stage import failure_reason as _failure_reason
+from flows._stage import stop as _stop
+from flows._summary import headline
 
 
 def _alive(pid: int) -> bool:
@@ -42,10 +44,7 @@ def test_stop_ends_the_stage_and_what_it_started(tmp_path):
 
 def test_failure_reason_prefers_the_stages_own_error():
     lines = deque(["Running stage 'train':", "segflow train: error: train.encoder: unknown encoder", "ERROR: failed"])
-    assert (
-        _failure_reason("train", lines, 2)
-        == "stage 'train' failed: segflow train: error: train.encoder: unknown encoder"
-    )
+    assert _failure_reason("train", lines, 2) == "stage 'train' failed: train.encoder: unknown encoder"
     assert _failure_reason("x", deque(["boom"]), 1) == "stage 'x' failed with exit code 1: boom"
 
 

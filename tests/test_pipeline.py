@@ -18,9 +18,8 @@ import pytest
 import yaml
 
 from bench._util import fresh_project, merge
-from flows.pipeline import stage_env
-from flows.server import local_server
-from tests.conftest import TINY
+from flows._env import stage_env
+from tests.conftest import TINY, flow_run_named_in, run_children
 
 STAGES = ["ingest", "augment", "train", "evaluate"]
 BIN = Path(sys.executable).parent
@@ -51,16 +50,6 @@ def _set_params(project: Path, override: dict) -> None:
 def project(tmp_path_factory) -> Path:
     """A committed git + DVC project: this repo's tasks/, dvc.yaml and DVC config, tiny params."""
     return fresh_project(tmp_path_factory.mktemp("project") / "project", TINY)
-
-
-@pytest.fixture(scope="module")
-def prefect_api(tmp_path_factory) -> str:
-    """A real Prefect server on 127.0.0.1 (own home and database), stopped after the module."""
-    try:
-        with local_server(tmp_path_factory.mktemp("prefect-server")) as api:
-            yield api
-    except RuntimeError as error:
-        pytest.fail(str(error))
 
 
 # Credentials in the environment of every run here: none may show up in logs, artifacts or outputs.
@@ -111,13 +100,11 @@ def test_flow_run_skips_unchanged_stages_and_leaves_the_same_lock(project, prefe
     assert (project / "dvc.lock").read_bytes() == lock_before
     assert "test IoU" in proc.stdout
 
-    runs = httpx.post(f"{prefect_api}/flow_runs/filter", json={}, timeout=10).json()
-    assert [run["state_type"] for run in runs] == ["COMPLETED"]
-    tasks = httpx.post(f"{prefect_api}/task_runs/filter", json={}, timeout=10).json()
+    run = flow_run_named_in(proc.stdout + proc.stderr, prefect_api)
+    assert run["state_type"] == "COMPLETED"
+    tasks = run_children(prefect_api, run["id"], "task_runs")
     assert sorted(t["name"] for t in tasks) == sorted(STAGES)
-    artifacts = httpx.post(
-        f"{prefect_api}/artifacts/filter", json={"artifacts": {"key": {"any_": ["segflow-test-metrics"]}}}, timeout=10
-    ).json()
+    artifacts = [a for a in run_children(prefect_api, run["id"], "artifacts") if a["key"] == "segflow-test-metrics"]
     assert len(artifacts) == 1
     rows = artifacts[0]["data"]
     rows = json.loads(rows) if isinstance(rows, str) else rows

@@ -22,8 +22,7 @@ import pytest
 import yaml
 
 from bench._util import fresh_project, merge
-from flows.pipeline import stage_env
-from flows.server import local_server
+from flows._env import stage_env
 from tests.conftest import TINY
 from tests.test_pipeline import _dvc
 
@@ -37,12 +36,6 @@ def project(tmp_path_factory) -> Path:
     _dvc(project, "repro")
     _commit(project, "first good run")
     return project
-
-
-@pytest.fixture(scope="module")
-def prefect_api(tmp_path_factory) -> str:
-    with local_server(tmp_path_factory.mktemp("prefect-server")) as api:
-        yield api
 
 
 def _commit(project: Path, message: str) -> None:

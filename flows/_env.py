@@ -1,0 +1,23 @@
+"""The environment segflow gives the processes it starts."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+
+def stage_env(**extra: str) -> dict[str, str]:
+    """The environment for a stage: this interpreter's bin folder first on PATH, hub offline.
+
+    dvc.yaml commands say ``python -m tasks.x``; without the PATH entry a flow
+    started as ``.venv/bin/segflow`` from an unactivated shell would run the
+    stages with whatever ``python`` the shell finds. ``HF_HUB_OFFLINE`` defaults
+    to 1 so a hub weights name fails at once rather than waiting on a network
+    segflow does not use (set it to 0 where the hub is reachable).
+    """
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.update(extra)
+    return env
