@@ -59,16 +59,20 @@ def stop_group(pgid: int, grace: float = GRACE, exclude: int | None = None) -> N
 
 
 def mark_crashed(message: str) -> None:
-    """Mark ``SEGFLOW_FLOW_RUN`` CRASHED on the Prefect API, if both are known and the API answers."""
-    run_id, api = os.environ.get("SEGFLOW_FLOW_RUN"), os.environ.get("PREFECT_API_URL")
-    if not (run_id and api):
+    """Mark ``SEGFLOW_FLOW_RUN`` CRASHED on the Prefect API and give back the GPU slot the dead parent held
+    (``SEGFLOW_GPU_LEASE``), where those are known and the API answers."""
+    run_id, api, lease = (os.environ.get(k) for k in ("SEGFLOW_FLOW_RUN", "PREFECT_API_URL", "SEGFLOW_GPU_LEASE"))
+    if not api:
         return
     import httpx
 
-    state = {"type": "CRASHED", "name": "Crashed", "message": message}
     # If the server went with the parent, the next `segflow run` marks the run instead.
     with contextlib.suppress(httpx.HTTPError):
-        httpx.post(f"{api}/flow_runs/{run_id}/set_state", json={"state": state, "force": True}, timeout=5)
+        if lease:
+            httpx.post(f"{api}/v2/concurrency_limits/decrement-with-lease", json={"lease_id": lease}, timeout=5)
+        if run_id:
+            state = {"type": "CRASHED", "name": "Crashed", "message": message}
+            httpx.post(f"{api}/flow_runs/{run_id}/set_state", json={"state": state, "force": True}, timeout=5)
 
 
 def main(argv: list[str]) -> int:

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -108,14 +109,14 @@ def stage_command(stage: str, force: bool) -> list[str]:
     return [sys.executable, "-m", "flows._leash", process_identity(), "--", *dvc]
 
 
-def _env() -> dict[str, str]:
+def _env(**more: str) -> dict[str, str]:
     """The stage's environment: who owns it (the stage watches that process) and which flow run it serves."""
     from prefect.runtime import flow_run
     from prefect.settings import PREFECT_API_URL
 
     from flows._env import stage_env
 
-    extra = {PARENT_ENV: process_identity()}
+    extra = {PARENT_ENV: process_identity(), **more}
     if flow_run.id and PREFECT_API_URL.value():
         extra |= {"SEGFLOW_FLOW_RUN": str(flow_run.id), "PREFECT_API_URL": PREFECT_API_URL.value()}
     return stage_env(**extra)
@@ -141,7 +142,27 @@ class _Progress:
             update_progress_artifact(self.artifact, percent, description=description)
 
 
-def _launch(stage: str, root: str, force: bool, logger) -> tuple[int, deque[str], bool]:
+@contextlib.contextmanager
+def gpu_slot() -> Iterator[str]:
+    """Hold a slot of the global concurrency limit ``gpu`` (renewed while held); yield its lease id.
+
+    Prefect's own ``concurrency()`` does the same but keeps the lease id to itself; the stage's leash
+    needs it to give the slot back at once if this process is killed (a dead holder's lease would
+    otherwise block every other run's training for up to five minutes).
+    """
+    from prefect.concurrency._leases import maintain_concurrency_lease
+    from prefect.concurrency._sync import acquire_concurrency_slots_with_lease, release_concurrency_slots_with_lease
+
+    lease_seconds = 300
+    acquired = acquire_concurrency_slots_with_lease([GPU_LIMIT], 1, strict=True, lease_duration=lease_seconds)
+    try:
+        with maintain_concurrency_lease(acquired.lease_id, lease_seconds, raise_on_lease_renewal_failure=False):
+            yield str(acquired.lease_id)
+    finally:
+        release_concurrency_slots_with_lease(acquired.lease_id)
+
+
+def _launch(stage: str, root: str, force: bool, logger, lease: str | None = None) -> tuple[int, deque[str], bool]:
     """Run the stage; return (exit status, last lines, whether DVC ran its command)."""
     ran = False
     tail: deque[str] = deque(maxlen=40)
@@ -149,7 +170,7 @@ def _launch(stage: str, root: str, force: bool, logger) -> tuple[int, deque[str]
     with subprocess.Popen(
         stage_command(stage, force),
         cwd=root,
-        env=_env(),
+        env=_env(**({"SEGFLOW_GPU_LEASE": lease} if lease else {})),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -203,14 +224,8 @@ def run_stage(stage: str, root: str, force: bool = False, planned: bool = True):
         logger.info("stage %s skipped: nothing it depends on changed", stage)
         return Completed(data={"stage": stage, "status": "skipped", "seconds": 0.0})
     started = time.perf_counter()
-    if stage in GPU_STAGES:
-        from prefect.concurrency.sync import concurrency
-
-        slot = concurrency(GPU_LIMIT, occupy=1, strict=True)
-    else:
-        slot = contextlib.nullcontext()
-    with slot:
-        code, tail, ran = _launch(stage, root, force, logger)
+    with gpu_slot() if stage in GPU_STAGES else contextlib.nullcontext() as lease:
+        code, tail, ran = _launch(stage, root, force, logger, lease)
     seconds = round(time.perf_counter() - started, 1)
     if code != 0:
         restore(stage, Path(root))

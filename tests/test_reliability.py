@@ -241,6 +241,8 @@ def test_killing_segflow_run_mid_training_stops_everything_and_keeps_the_outputs
     while _running(prefect_api) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _running(prefect_api) == [], "no flow run left RUNNING"
+    gpu = httpx.get(f"{prefect_api}/v2/concurrency_limits/gpu", timeout=10).json()
+    assert gpu["active_slots"] == 0, "the GPU slot is given back, even after a SIGKILL"
     assert _outputs(project) == before, "the last good model and metrics are back, byte for byte"
     assert not _debris(project)
 
