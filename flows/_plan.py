@@ -24,7 +24,8 @@ def stage_order(root: Path | str = ".") -> list[str]:
     from dvc.repo.reproduce import plan_repro
 
     with Repo(str(root)) as repo:
-        return [stage.addressing for stage in plan_repro(repo.index.graph) if stage.cmd]
+        # stage.name, not stage.addressing: the latter is relative to the current folder, not the project.
+        return [stage.name for stage in plan_repro(repo.index.graph) if stage.cmd]
 
 
 def stages_to_run(
@@ -47,22 +48,23 @@ def stages_to_run(
 
     with Repo(str(root)) as repo:
         graph = repo.index.graph  # edges point from a stage to the stages it depends on
-        by_name = {stage.addressing: stage for stage in graph.nodes}
-        order = [stage.addressing for stage in plan_repro(graph) if stage.cmd]
+        by_name = {stage.name: stage for stage in graph.nodes if stage.cmd}
+        order = [stage.name for stage in plan_repro(graph) if stage.cmd]
         if targets:
             unknown = sorted(set(targets) - set(order))
             if unknown:
                 raise ValueError(f"no stage named {', '.join(unknown)} in dvc.yaml; stages: {', '.join(order)}")
             covered = set(targets)
             for name in targets:
-                covered |= {s.addressing for s in nx.descendants(graph, by_name[name])}
+                covered |= {s.name for s in nx.descendants(graph, by_name[name]) if s.cmd}
             order = [name for name in order if name in covered]
         if force:
             return order, set(order)
         changed = set(repo.status())
         stale = set()
-        for name in changed & set(by_name):
-            stale |= {name} | {s.addressing for s in nx.ancestors(graph, by_name[name])}
+        for stage in graph.nodes:
+            if stage.addressing in changed and stage.cmd:
+                stale |= {stage.name} | {s.name for s in nx.ancestors(graph, stage) if s.cmd}
         return order, stale & set(order)
 
 

@@ -128,6 +128,10 @@ def publish(stages: list[dict], result: dict, failure: str | None) -> str:
     lines = ["# segflow pipeline", "", first, "", "| stage | status | seconds | note |", "|---|---|---:|---|"]
     lines += [f"| {s['stage']} | {s['status']} | {s['seconds']} | {s.get('note', '')} |" for s in stages]
     lines += ["", f"**{result['change']}**"]
+    if result.get("registration"):
+        from flows.registry import summary_line
+
+        lines += ["", f"Registration: {summary_line(result['registration'])}"]
     if metrics:
         lines += ["", headline(metrics), "", f"Reduction: {metrics['reduction']}"]
     lines += [

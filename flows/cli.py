@@ -97,6 +97,10 @@ def _report(summary: dict) -> str:
     if summary["metrics"]:
         lines.append(f"  {headline(summary['metrics'])}")
         lines.append(f"  {summary['change']}")
+    if summary.get("registration"):
+        from flows.registry import summary_line
+
+        lines.append(f"  registry: {summary_line(summary['registration'])}")
     return "\n".join(lines)
 
 
@@ -132,7 +136,9 @@ def _prefect_api(root: Path) -> Iterator[str]:
                 APILogWorker.drain_all(timeout=5)
 
 
-def run(root: Path, force: bool, stages: list[str] | None, retries: int, debug: bool = False) -> int:
+def run(
+    root: Path, force: bool, stages: list[str] | None, retries: int, debug: bool = False, register: bool = False
+) -> int:
     """``segflow run``: pre-flight checks, then the flow against a Prefect server."""
     from prefect import tags
     from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES, temporary_settings
@@ -158,7 +164,9 @@ def run(root: Path, force: bool, stages: list[str] | None, retries: int, debug: 
             # A local temporary server has no flaky network to ride out; if it is gone, fail fast.
             settings[PREFECT_CLIENT_MAX_RETRIES] = 1
         with temporary_settings(settings), tags("segflow", PROCESS_TAG + process_identity()):
-            state = pipeline(root=str(root), force=force, stages=stages, retries=retries, return_state=True)
+            state = pipeline(
+                root=str(root), force=force, stages=stages, retries=retries, register=register, return_state=True
+            )
     if state.is_failed():
         raise SegflowError(state.message)
     print(_report(state.result()))
@@ -180,12 +188,26 @@ def main(argv: list[str] | None = None) -> int:
     run_parser.add_argument("--force", action="store_true", help="rerun every stage even if nothing changed")
     run_parser.add_argument("--stage", action="append", dest="stages", help="run only this stage (and its inputs)")
     run_parser.add_argument("--retries", type=int, default=0, help="retries of a killed stage (default 0)")
+    run_parser.add_argument("--register", action="store_true", help="register the model after the stages")
     commands.add_parser("stages", help="list the pipeline's stages in run order")
     server_parser = commands.add_parser("server", help="a local Prefect server and dashboard on 127.0.0.1")
     server_parser.add_argument("--port", type=int, default=4200, help="port (default 4200)")
     deploy_parser = commands.add_parser("deploy", help="create/update the scheduled 'retrain' deployment")
     deploy_parser.add_argument("--cron", help="schedule (default: schedule.cron in params.yaml)")
     commands.add_parser("worker", help="run a worker that executes scheduled runs, in this project")
+    register_parser = commands.add_parser("register", help="register the trained model (GTO version, card, gate)")
+    register_parser.add_argument(
+        "--commit", action="store_true", default=None, help="commit dvc.lock, params and metrics first"
+    )
+    models_parser = commands.add_parser("models", help="registered versions, stages, metrics and dates")
+    models_parser.add_argument("name", nargs="?", help="model name (default: register.model)")
+    predict_parser = commands.add_parser("predict", help="segment images with a registered model")
+    predict_parser.add_argument("inputs", nargs="+", type=Path, help="image files and folders")
+    predict_parser.add_argument("--model", default=None, help="NAME, NAME@vX.Y.Z or NAME#stage (default: NAME#prod)")
+    predict_parser.add_argument("--out", type=Path, required=True, help="folder for <stem>.png class-id masks")
+    predict_parser.add_argument("--overlay", action="store_true", help="also write <stem>_overlay.png")
+    predict_parser.add_argument("--backend", choices=["torch", "onnx"], default="torch")
+    predict_parser.add_argument("--device", default=None, help="torch device (default: CUDA when there is one)")
     args = parser.parse_args(argv)
 
     root = args.root.resolve()
@@ -228,7 +250,54 @@ def _dispatch(args: argparse.Namespace, root: Path) -> int:
 
         with temporary_settings({PREFECT_API_URL: api}):
             return ops.worker(root, api)
-    return run(root, args.force, args.stages, args.retries, args.debug)
+    if args.command == "register":
+        from flows import registry
+
+        print(f"segflow: {registry.summary_line(registry.register(root, args.commit))}")
+        return 0
+    if args.command == "models":
+        return _models(root, args.name)
+    if args.command == "predict":
+        return _predict(root, args)
+    return run(root, args.force, args.stages, args.retries, args.debug, args.register)
+
+
+def _models(root: Path, name: str | None) -> int:
+    from flows.models import versions
+    from tasks.params import load_params
+
+    params = load_params(root / "params.yaml")
+    name = name or params.register.model
+    found = versions(root, name)
+    if not found:
+        print(f"segflow: no version of {name} is registered yet (segflow register)")
+        return 0
+    metric = params.register.metric
+    print(f"{'version':<10} {'stages':<12} {metric:>10} {'IoU':>7} {'Dice':>7}  {'registered':<25} commit")
+    for v in found:
+        value = v.info.get("metric_value")
+        cells = [
+            f"{x:.4f}" if isinstance(x, float) else "-"
+            for x in (value, v.info.get("iou_macro"), v.info.get("dice_macro"))
+        ]
+        print(
+            f"{v.version:<10} {','.join(v.stages) or '-':<12} {cells[0]:>10} {cells[1]:>7} {cells[2]:>7}  "
+            f"{v.created_at:<25} {v.commit[:10]}"
+        )
+    return 0
+
+
+def _predict(root: Path, args: argparse.Namespace) -> int:
+    from flows import predict
+    from flows.models import load_model
+    from tasks.params import load_params
+
+    spec = args.model or f"{load_params(root / 'params.yaml').register.model}#prod"
+    predictor = load_model(spec, root, args.backend, args.device)
+    files = list(predict.inputs(args.inputs))
+    written, errors = predict.run(predictor, files, args.out, args.overlay, progress=sys.stderr.isatty())
+    print(f"segflow: {written} mask(s) written to {args.out}" + (f"; {len(errors)} input(s) failed" if errors else ""))
+    return 3 if errors else 0
 
 
 def _fail(error: BaseException, debug: bool) -> int:

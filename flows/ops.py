@@ -131,7 +131,8 @@ def deploy(root: Path, cron: str | None = None) -> dict:
         schedules=[Cron(cron, timezone=settings.timezone)],
         concurrency_limit=1,
         # Run controls only: hyperparameters live in params.yaml, where DVC sees them.
-        parameters={"root": str(root), "force": False, "stages": None, "retries": 1},
+        # Scheduled retraining registers what it trains and commits its results (there is nobody to do it by hand).
+        parameters={"root": str(root), "force": False, "stages": None, "retries": 1, "register": True, "commit": True},
         description="Scheduled retraining: reruns the stages whose data, params or code changed.",
         tags=["segflow"],
         print_next_steps=False,

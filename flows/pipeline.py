@@ -13,9 +13,10 @@ schedules (see :mod:`flows.ops`).
 from __future__ import annotations
 
 import contextlib
+import warnings
 from pathlib import Path
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, task
 from prefect.states import Failed
 
 from flows import _summary
@@ -27,6 +28,10 @@ from tasks._common import SegflowError
 from tasks.params import load_params
 
 __all__ = ["StageFailed", "pipeline", "stage_env", "stage_order"]
+
+# Prefect validates flow parameters with a pydantic model built per call; the parameter
+# ``register`` shadows BaseModel.register there, harmlessly (the value is read by name).
+warnings.filterwarnings("ignore", message='Field name "register" in "PipelineModel" shadows', category=UserWarning)
 
 
 def ensure_gpu_limit(slots: int = 1) -> None:
@@ -51,8 +56,41 @@ def _remote(root: Path, command: str, logger) -> None:
             (logger.info if code == 0 else logger.warning)("dvc %s: %s", command, line)
 
 
+@task(name="register", task_run_name="register")
+def register_model(root: str, commit: bool | None):
+    """Register the trained model (GTO version, model card, champion/challenger gate); publish the outcome."""
+    from prefect.artifacts import create_markdown_artifact
+
+    from flows import registry
+
+    logger = get_run_logger()
+    try:
+        outcome = registry.register(root, commit)
+    except SegflowError as error:
+        logger.error("%s", error)
+        return Failed(message=f"register: {error}")
+    line = registry.summary_line(outcome)
+    logger.info("%s", line)
+    rows = "\n".join(f"| {k} | `{v}` |" for k, v in outcome.items())
+    if outcome.get("tag"):  # a code span, not a mail link
+        line = line.replace(outcome["tag"], f"`{outcome['tag']}`")
+    create_markdown_artifact(
+        key="segflow-registration",
+        markdown=f"# Registration\n\n**{line}**\n\n| field | value |\n|---|---|\n{rows}\n",
+        description="Model registration and the champion/challenger gate",
+    )
+    return outcome
+
+
 @flow(name="segflow-pipeline")
-def pipeline(root: str = ".", force: bool = False, stages: list[str] | None = None, retries: int = 1):
+def pipeline(
+    root: str = ".",
+    force: bool = False,
+    stages: list[str] | None = None,
+    retries: int = 1,
+    register: bool = False,
+    commit: bool | None = None,
+):
     """Run the DVC stages of the project at ``root`` in dependency order.
 
     Run controls only (hyperparameters live in params.yaml, where DVC sees them):
@@ -63,6 +101,8 @@ def pipeline(root: str = ".", force: bool = False, stages: list[str] | None = No
         stages: only these stages and what they depend on (default: all).
         retries: retries per stage, for failures that can change (a killed process, a busy lock);
             bad data or params fail at once.
+        register: after the stages, register the model (GTO version, card, champion/challenger gate).
+        commit: commit dvc.lock, params and metrics before registering (default: register.commit).
 
     Returns:
         ``{"stages": [...], "outputs": {...}, "metrics": ..., "provenance": ..., "change": ...}``, or a
@@ -70,17 +110,22 @@ def pipeline(root: str = ".", force: bool = False, stages: list[str] | None = No
     """
     logger = get_run_logger()
     root_path = Path(root).resolve()
-    results, failure, before = [], None, None
+    results, failure, before, registration = [], None, None, None
     try:
         load_params(root_path / "params.yaml")  # every stage's params, before DVC deletes any output
         before = _summary.read_metrics(root_path)
         with project_lock(root_path):
             results, failure = _run_stages(root_path, force, stages, retries, logger)
+            if register and not failure:
+                state = register_model(str(root_path), commit, return_state=True)
+                failure = state.message if state.is_failed() else None
+                registration = None if failure else state.result()
     except (SegflowError, ValueError) as error:
         failure = str(error)
     result = {"root": root_path, **(_summary.outputs(root_path) if results else {}), "stages": results}
     result["provenance"] = _summary.provenance(root_path) if results else {}
     result["change"] = _summary.metric_change(before, result.get("metrics"))
+    result["registration"] = registration
     if result["provenance"]:
         first = _summary.publish(results, result, failure)
         if not failure:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import logging
 import os
 import shutil
@@ -84,6 +85,15 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     with atomic_path(final) as tmp:
         tmp.mkdir()
         yield tmp
+
+
+def sha256_file(path: Path) -> str:
+    """sha256 of a file's bytes, read in blocks."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_text(path: Path, text: str) -> None:

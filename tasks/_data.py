@@ -19,7 +19,7 @@ class SegmentationDataset(Dataset):
     Items are ``(image (C, H, W) float32, mask (H, W) int64, index)``.
     """
 
-    def __init__(self, root: Path, rows: pd.DataFrame, transform: A.Compose):
+    def __init__(self, root: Path, rows: pd.DataFrame, transform: A.Compose | None):
         self.root = Path(root)
         self.rows = rows.reset_index(drop=True)
         self.transform = transform

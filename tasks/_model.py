@@ -21,7 +21,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from tasks._common import SegflowError, atomic_dir
+from tasks import _export
+from tasks._common import SegflowError, atomic_dir, sha256_file
 from tasks.params import IGNORE_INDEX, Arch, TrainParams
 
 log = logging.getLogger(__name__)
@@ -54,9 +55,13 @@ class ModelCard(BaseModel):
     train_size: int
     ignore_index: int = IGNORE_INDEX
     weights: str = WEIGHTS
+    #: sha256 of the weights file: loading refuses a file that was changed after training.
+    weights_sha256: str | None = None
     preprocess: str = PREPROCESS
     #: Provenance: seed, epochs, best epoch and its validation score, ...
     training: dict = {}
+    #: Exports written beside the weights, e.g. {"onnx": {"file", "sha256", "opset", "max_abs_logit_diff"}}.
+    exports: dict = {}
 
 
 def _weights_error(name: str) -> SegflowError:
@@ -197,15 +202,27 @@ def build(params: TrainParams, num_classes: int, in_channels: int = 3) -> torch.
     return model
 
 
-def save(model: torch.nn.Module, card: ModelCard, preprocess: Path, out: Path) -> None:
-    """Write weights, card and preprocessing into ``out`` atomically (all or nothing)."""
+def save(
+    model: torch.nn.Module, card: ModelCard, preprocess: Path, out: Path, export: list[str] | tuple[str, ...] = ()
+) -> ModelCard:
+    """Write weights, card, preprocessing (and ``export`` formats) into ``out`` atomically (all or nothing).
+
+    Returns:
+        The card as written (with the weights' and exports' hashes).
+
+    Raises:
+        SegflowError: an export disagrees with PyTorch beyond :data:`tasks._export.TOLERANCE`.
+    """
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_dir(out) as tmp:
         # One metadata key only: safetensors writes several in a random order, which
         # would give the same weights a new hash (and DVC a new output) on every run.
         save_file(state, tmp / card.weights, metadata={"format": "pt"})
+        exports = {name: _export.export(name, model, card, tmp) for name in export}
+        card = card.model_copy(update={"weights_sha256": sha256_file(tmp / card.weights), "exports": exports})
         shutil.copyfile(preprocess, tmp / card.preprocess)
         (tmp / CARD).write_text(card.model_dump_json(indent=2) + "\n", encoding="utf-8")
+    return card
 
 
 def read_card(model_dir: Path) -> ModelCard:
@@ -224,9 +241,35 @@ def read_card(model_dir: Path) -> ModelCard:
         raise SegflowError(f"{path}: not a {CARD_FORMAT} card ({detail})") from None
 
 
+def verify(model_dir: Path, card: ModelCard, name: str | None = None) -> Path:
+    """The path of the weights (or of export ``name``), checked against the card's sha256.
+
+    Raises:
+        SegflowError: the file is missing or was changed after training.
+    """
+    model_dir = Path(model_dir)
+    if name is None:
+        path, expected = model_dir / card.weights, card.weights_sha256
+    elif name in card.exports:
+        path, expected = model_dir / card.exports[name]["file"], card.exports[name]["sha256"]
+    else:
+        raise SegflowError(
+            f"{model_dir / CARD}: this model has no {name} export; retrain with register.export: [{name}]"
+        )
+    if not path.is_file():
+        raise SegflowError(f"{path}: not found; fetch the model again")
+    if expected is not None and sha256_file(path) != expected:
+        raise SegflowError(
+            f"{path}: its sha256 does not match {model_dir / CARD} (the file was changed after training); "
+            "refusing to load it: fetch the model again (segflow predict fetches it from the registry)"
+        )
+    return path
+
+
 def load(model_dir: Path) -> tuple[torch.nn.Module, ModelCard]:
-    """Rebuild a saved model with its weights, in eval mode on the CPU."""
+    """Rebuild a saved model with its verified weights, in eval mode on the CPU (no unpickling anywhere)."""
     card = read_card(model_dir)
+    weights = verify(model_dir, card)
     model = create(
         card.arch,
         card.encoder,
@@ -235,7 +278,6 @@ def load(model_dir: Path) -> tuple[torch.nn.Module, ModelCard]:
         len(card.classes),
         in_channels=card.in_channels,
     )
-    weights = Path(model_dir) / card.weights
     try:
         model.load_state_dict(load_file(weights), strict=True)
     except (OSError, SafetensorError, RuntimeError) as error:

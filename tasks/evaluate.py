@@ -23,18 +23,16 @@ import logging
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader
 
-from tasks import _metrics, _model, _viz
+from tasks import _infer, _metrics, _model, _viz
 from tasks._common import atomic_path, stage_main, write_png, write_text
-from tasks._data import SegmentationDataset, same_shape_batches
+from tasks._data import SegmentationDataset
 from tasks._files import (
     METRICS,
     MODEL_DIR,
     PER_CLASS,
     PER_IMAGE,
     PREDICTIONS,
-    load_transform,
     read_manifest,
     split_rows,
 )
@@ -43,16 +41,14 @@ from tasks.params import IGNORE_INDEX, Params, Paths
 log = logging.getLogger(__name__)
 
 
-@torch.inference_mode()
-def predict(model: torch.nn.Module, loader: DataLoader, device: torch.device):
-    """Yield ``(dataset index, prediction)`` per image.
+def predict(predictor: _infer.Predictor, dataset: SegmentationDataset):
+    """Yield ``(dataset index, prediction)`` per image, the prediction (H, W) int64 class ids at full size.
 
-    Predictions are (H, W) int64 class ids, still at the padded size of the batch.
+    The same inference as ``segflow predict``: whole images, or tiles above ``predict.tile_size``.
     """
-    model.to(device).eval()
-    for images, _, indices in loader:
-        preds = model(images.to(device)).argmax(1).cpu()
-        yield from zip(indices.tolist(), preds, strict=True)
+    for index in range(len(dataset)):
+        image, _ = dataset.load(index)
+        yield index, torch.from_numpy(predictor.predict(image).astype(np.int64))
 
 
 def score(
@@ -112,12 +108,13 @@ def run(params: Params, paths: Paths) -> dict:
             "model classes %s differ from params classes %s; scoring by the model's", card.classes, params.classes
         )
     rows = split_rows(read_manifest(paths.ingest), "test")
-    dataset = SegmentationDataset(paths.ingest, rows, load_transform(model_dir / card.preprocess))
-    loader = DataLoader(dataset, batch_sampler=same_shape_batches(rows, params.evaluate.batch_size))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
+    dataset = SegmentationDataset(paths.ingest, rows, transform=None)
+    settings = params.predict
+    predictor = _infer.Predictor(
+        _infer.torch_forward(model), card, settings.tile_size, settings.overlap, settings.batch_size
+    )
     preview = params.evaluate.preview_samples
-    summary, per_image, kept = score(dataset, predict(model, loader, device), card.classes, keep=preview)
+    summary, per_image, kept = score(dataset, predict(predictor, dataset), card.classes, keep=preview)
     metrics = {"split": "test", "images": len(rows), "reduction": _metrics.REDUCTION, **summary}
 
     paths.evaluate.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -296,9 +297,49 @@ class TrainParams(_Section):
 
 
 class EvaluateParams(_Section):
-    batch_size: int = Field(8, ge=1)
     #: How many test images the predictions preview shows.
     preview_samples: int = Field(6, ge=1, le=64)
+
+
+class PredictParams(_Section):
+    """Inference, for ``evaluate`` and ``segflow predict`` alike (so what is scored is what ships)."""
+
+    #: Images larger than this (either side) are predicted in overlapping tiles of this size; memory is
+    #: bounded by the tile, not the image. A multiple of the model's stride (augment.pad_divisor).
+    tile_size: int = Field(512, ge=32)
+    #: Pixels neighbouring tiles share; their logits are blended. A quarter of it on each side of a seam
+    #: is dropped, so a model whose receptive field reaches at most overlap/4 gives exactly the
+    #: whole-image result.
+    overlap: int = Field(128, ge=0)
+    #: Tiles (or images) per forward pass.
+    batch_size: int = Field(4, ge=1)
+
+    @model_validator(mode="after")
+    def _sizes(self) -> PredictParams:
+        if self.overlap >= self.tile_size:
+            raise ValueError(
+                f"predict.overlap ({self.overlap}) must be smaller than predict.tile_size ({self.tile_size})"
+            )
+        return self
+
+
+class RegisterParams(_Section):
+    """Model registration (``segflow register``, the flow's register task): GTO versions and stages."""
+
+    #: The artifact name in dvc.yaml ``artifacts:`` and in the GTO tags (``<model>@v1.2.3``, ``<model>#prod#N``).
+    model: str = Field("segflow-model", pattern=r"^[a-zA-Z0-9]([a-zA-Z0-9_/-]*[a-zA-Z0-9])?$")
+    #: The test metric of the champion/challenger gate, as ``<group>.<key>`` of evaluate's metrics.json.
+    metric: str = Field("iou.macro", pattern=r"^[\w]+(\.[\w]+)+$")
+    direction: Literal["max", "min"] = "max"
+    #: A challenger is promoted to ``prod`` only when better than the champion by at least this much.
+    min_improvement: NonNegativeFloat = 0.005
+    stage: str = "prod"
+    bump: Literal["patch", "minor", "major"] = "patch"
+    #: Commit dvc.lock, params.yaml and the git-tracked metrics before registering (what scheduled
+    #: retraining does); false: refuse while they hold uncommitted changes.
+    commit: bool = False
+    #: Extra formats the train stage writes beside the weights, each checked against PyTorch.
+    export: list[Literal["onnx"]] = []
 
 
 class ScheduleParams(_Section):
@@ -317,67 +358,79 @@ class ScheduleParams(_Section):
         return value
 
 
-class Params(_Section):
-    """The whole params.yaml."""
+# A section named `register` shadows BaseModel's inherited ABC `register` (harmless: nothing calls it on
+# Params); pydantic warns about it when the class is made.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message='Field name "register" in "Params" shadows', category=UserWarning)
 
-    seed: int = 42
-    classes: list[str] = Field(default_factory=lambda: ["background", "disk", "box", "triangle"])
-    paths: Paths = Paths()
-    ingest: IngestParams = IngestParams()
-    augment: AugmentParams = AugmentParams()
-    train: TrainParams = TrainParams()
-    evaluate: EvaluateParams = EvaluateParams()
-    schedule: ScheduleParams = ScheduleParams()
+    class Params(_Section):
+        """The whole params.yaml."""
 
-    @field_validator("classes")
-    @classmethod
-    def _classes(cls, value: list[str]) -> list[str]:
-        if len(value) < 2:
-            raise ValueError("need at least 2 classes (background and one object class)")
-        if len(set(value)) != len(value):
-            raise ValueError(f"class names repeat: {value}")
-        if len(value) >= IGNORE_INDEX:
-            raise ValueError(f"at most {IGNORE_INDEX - 1} classes (label {IGNORE_INDEX} means ignore)")
-        return value
+        seed: int = 42
+        classes: list[str] = Field(default_factory=lambda: ["background", "disk", "box", "triangle"])
+        paths: Paths = Paths()
+        ingest: IngestParams = IngestParams()
+        augment: AugmentParams = AugmentParams()
+        train: TrainParams = TrainParams()
+        evaluate: EvaluateParams = EvaluateParams()
+        predict: PredictParams = PredictParams()
+        register: RegisterParams = RegisterParams()
+        schedule: ScheduleParams = ScheduleParams()
 
-    @model_validator(mode="after")
-    def _consistent(self) -> Params:
-        ingest, num_classes = self.ingest, len(self.classes)
-        weights = ingest.synthetic.class_weights
-        # The synthetic section only matters while it is the source (it stays in params.yaml for the demo).
-        if ingest.source == "synthetic" and weights is not None and len(weights) != num_classes - 1:
-            raise ValueError(
-                f"ingest.synthetic.class_weights has {len(weights)} entries; "
-                f"give one per object class ({num_classes - 1}: {self.classes[1:]})"
-            )
-        if ingest.source == "synthetic" and num_classes - 1 > SYNTHETIC_OBJECT_CLASSES:
-            raise ValueError(
-                f"classes: the synthetic source draws at most {SYNTHETIC_OBJECT_CLASSES} object classes, "
-                f"got {num_classes - 1}; list at most {SYNTHETIC_OBJECT_CLASSES + 1} classes"
-            )
-        for raw, cls in (ingest.mask_values or {}).items():
-            if not 0 <= cls < num_classes:
+        @field_validator("classes")
+        @classmethod
+        def _classes(cls, value: list[str]) -> list[str]:
+            if len(value) < 2:
+                raise ValueError("need at least 2 classes (background and one object class)")
+            if len(set(value)) != len(value):
+                raise ValueError(f"class names repeat: {value}")
+            if len(value) >= IGNORE_INDEX:
+                raise ValueError(f"at most {IGNORE_INDEX - 1} classes (label {IGNORE_INDEX} means ignore)")
+            return value
+
+        @model_validator(mode="after")
+        def _consistent(self) -> Params:
+            ingest, num_classes = self.ingest, len(self.classes)
+            weights = ingest.synthetic.class_weights
+            # The synthetic section only matters while it is the source (it stays in params.yaml for the demo).
+            if ingest.source == "synthetic" and weights is not None and len(weights) != num_classes - 1:
                 raise ValueError(
-                    f"ingest.mask_values maps {raw} to class id {cls}, but classes has ids 0-{num_classes - 1}; "
-                    "list the value under ingest.ignore_values to ignore it"
+                    f"ingest.synthetic.class_weights has {len(weights)} entries; "
+                    f"give one per object class ({num_classes - 1}: {self.classes[1:]})"
                 )
-        if ingest.palette is not None:
-            unknown = [name for name in ingest.palette if name not in self.classes]
-            if unknown:
-                raise ValueError(f"ingest.palette names {unknown}, which are not in classes {self.classes}")
-            colours = list(ingest.palette.values())
-            if len(set(colours)) != len(colours):
-                raise ValueError("ingest.palette gives two classes the same colour")
-        # The encoder halves the resolution encoder_depth times; inputs must divide evenly.
-        stride = 2**self.train.encoder_depth
-        for key in ("crop_size", "pad_divisor"):
-            value = getattr(self.augment, key)
-            if value % stride:
+            if ingest.source == "synthetic" and num_classes - 1 > SYNTHETIC_OBJECT_CLASSES:
                 raise ValueError(
-                    f"augment.{key} is {value}, not a multiple of {stride} (2**train.encoder_depth); "
-                    f"use e.g. {max(stride, round(value / stride) * stride)}"
+                    f"classes: the synthetic source draws at most {SYNTHETIC_OBJECT_CLASSES} object classes, "
+                    f"got {num_classes - 1}; list at most {SYNTHETIC_OBJECT_CLASSES + 1} classes"
                 )
-        return self
+            for raw, cls in (ingest.mask_values or {}).items():
+                if not 0 <= cls < num_classes:
+                    raise ValueError(
+                        f"ingest.mask_values maps {raw} to class id {cls}, but classes has ids 0-{num_classes - 1}; "
+                        "list the value under ingest.ignore_values to ignore it"
+                    )
+            if ingest.palette is not None:
+                unknown = [name for name in ingest.palette if name not in self.classes]
+                if unknown:
+                    raise ValueError(f"ingest.palette names {unknown}, which are not in classes {self.classes}")
+                colours = list(ingest.palette.values())
+                if len(set(colours)) != len(colours):
+                    raise ValueError("ingest.palette gives two classes the same colour")
+            if self.predict.tile_size % self.augment.pad_divisor:
+                raise ValueError(
+                    f"predict.tile_size is {self.predict.tile_size}, not a multiple of augment.pad_divisor "
+                    f"({self.augment.pad_divisor}); use a multiple of it"
+                )
+            # The encoder halves the resolution encoder_depth times; inputs must divide evenly.
+            stride = 2**self.train.encoder_depth
+            for key in ("crop_size", "pad_divisor"):
+                value = getattr(self.augment, key)
+                if value % stride:
+                    raise ValueError(
+                        f"augment.{key} is {value}, not a multiple of {stride} (2**train.encoder_depth); "
+                        f"use e.g. {max(stride, round(value / stride) * stride)}"
+                    )
+            return self
 
 
 def _describe(error: ValidationError, source: Path) -> str:

@@ -255,7 +255,9 @@ def run(params: Params, paths: Paths) -> dict:
             train_size=params.augment.crop_size,
             training=summary,
         )
-        _model.save(module.model, card, paths.augment / EVAL_PIPELINE, paths.train / MODEL_DIR)
+        _model.save(
+            module.model, card, paths.augment / EVAL_PIPELINE, paths.train / MODEL_DIR, export=params.register.export
+        )
         log.info("model saved to %s (%s)", paths.train / MODEL_DIR, summary)
     return summary
 

@@ -36,7 +36,7 @@ TINY = {
         "batch_size": 4,
         "accelerator": "cpu",
     },
-    "evaluate": {"batch_size": 4, "preview_samples": 2},
+    "evaluate": {"preview_samples": 2},
 }
 
 

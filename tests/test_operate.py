@@ -89,8 +89,9 @@ def _lines(api: str, run_id: str) -> list[str]:
     """The run's log lines, once its last one (sent after the state change) has arrived."""
     deadline = time.monotonic() + 20
     while True:
-        lines = [log["message"] for log in run_children(api, run_id, "logs")]
-        if any(line.startswith("Finished in state") and "Task run" not in line for line in lines[-3:]):
+        logs = run_children(api, run_id, "logs")
+        lines = [log["message"] for log in logs]
+        if any(log["message"].startswith("Finished in state") and not log["task_run_id"] for log in logs):
             return lines
         if time.monotonic() > deadline:
             return lines
@@ -102,7 +103,7 @@ def test_deploy_creates_one_scheduled_retrain_deployment(project, prefect_api, d
     (schedule,) = deployment["schedules"]
     assert schedule["schedule"]["cron"] == "0 2 * * *" and schedule["active"]
     # Run controls only; hyperparameters stay in params.yaml.
-    assert set(deployment["parameters"]) == {"root", "force", "stages", "retries"}
+    assert set(deployment["parameters"]) == {"root", "force", "stages", "retries", "register", "commit"}
     assert deployment["global_concurrency_limit"]["limit"] == 1, "at most one run at a time"
     pool = httpx.get(f"{prefect_api}/work_pools/segflow", timeout=10).json()
     assert pool["type"] == "process"
@@ -126,7 +127,7 @@ def test_a_worker_runs_the_deployment_and_the_dashboard_gets_the_story(project, 
     run = _run_deployment(prefect_api, deployment)
     assert run["state_type"] == "COMPLETED", run["state"]["message"]
     tasks = run_children(prefect_api, run["id"], "task_runs")
-    assert sorted(t["name"] for t in tasks) == ["augment", "evaluate", "ingest", "train"]
+    assert sorted(t["name"] for t in tasks) == ["augment", "evaluate", "ingest", "register", "train"]
     lines = _lines(prefect_api, run["id"])
     assert any("epoch 1/1: train loss" in line and "val IoU" in line for line in lines), "training progress per epoch"
     assert not any(line.startswith(("To track the changes", "💡 Tip")) for line in lines), "advice and tips left out"
@@ -142,6 +143,13 @@ def test_a_worker_runs_the_deployment_and_the_dashboard_gets_the_story(project, 
     assert "segflow-training-curves" in artifacts and "segflow-data-report" in artifacts
     progress = [a for a in run_children(prefect_api, run["id"], "artifacts") if a["type"] == "progress"]
     assert progress and progress[-1]["data"] == 100.0
+    # The scheduled run registers its model: the first one becomes the production version.
+    registration = artifacts["segflow-registration"]["data"]
+    assert "`segflow-model@v0.1.0` registered and promoted to prod" in registration, registration
+    tags = subprocess.run(["git", "tag"], cwd=project, capture_output=True, text=True).stdout.split()
+    assert "segflow-model@v0.1.0" in tags and any(t.startswith("segflow-model#prod#") for t in tags)
+    clean = subprocess.run(["git", "status", "--porcelain"], cwd=project, capture_output=True, text=True).stdout
+    assert clean == "", f"the run committed what it registered: {clean}"
 
 
 def test_a_second_run_with_nothing_changed_skips_every_stage(project, prefect_api, deployment, worker):
@@ -154,6 +162,7 @@ def test_a_second_run_with_nothing_changed_skips_every_stage(project, prefect_ap
         a for a in run_children(prefect_api, run["id"], "artifacts") if a["key"] == "segflow-pipeline-summary"
     )
     assert "**Nothing changed**" in summary["data"]
+    assert any("nothing registered" in line and "already is this model" in line for line in lines), lines[-6:]
 
 
 def test_a_failing_stage_fails_the_run_with_its_own_line_and_no_retry(project, prefect_api, deployment, worker):
@@ -194,20 +203,35 @@ def test_the_dashboard_shows_the_stages_and_the_metrics(project, prefect_api, de
         json={"flow_runs": {"deployment_id": {"any_": [deployment["id"]]}, "state": {"type": {"any_": ["COMPLETED"]}}}},
         timeout=10,
     ).json()
-    run = next(r for r in runs if len(run_children(prefect_api, r["id"], "task_runs")) == 4)
+    run = next(r for r in runs if len(run_children(prefect_api, r["id"], "task_runs")) == 5)
     page_url = f"{prefect_api.removesuffix('/api')}/runs/flow-run/{run['id']}"
+    registrations = httpx.post(
+        f"{prefect_api}/artifacts/filter",
+        json={"artifacts": {"key": {"any_": ["segflow-registration"]}}, "sort": "CREATED_DESC"},
+        timeout=10,
+    ).json()
     flags = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=[*flags, "--no-first-run"])
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(page_url, wait_until="networkidle", timeout=60_000)
-            page.get_by_text("4 Task runs").first.wait_for(timeout=30_000)
+            page.get_by_text("5 Task runs").first.wait_for(timeout=30_000)
             page.get_by_text("Task Runs", exact=True).click()
-            for stage in ("ingest", "augment", "train", "evaluate"):
+            for stage in ("ingest", "augment", "train", "evaluate", "register"):
                 page.get_by_text(stage, exact=True).first.wait_for(timeout=30_000)
             page.get_by_text("Artifacts", exact=True).click()
             page.get_by_text("segflow-test-metrics").first.wait_for(timeout=30_000)
+            # Every registration outcome, one after the other, under its artifact key; each one readable.
+            ui = prefect_api.removesuffix("/api")
+            page.goto(f"{ui}/artifacts/key/segflow-registration", timeout=60_000)
+            page.get_by_text("Model registration and the champion/challenger gate").first.wait_for(timeout=30_000)
+            page.goto(f"{ui}/artifacts/artifact/{registrations[-1]['id']}", timeout=60_000)
+            page.get_by_text("registered and promoted to prod").first.wait_for(timeout=30_000)
+        except Exception:
+            page.screenshot(path=str(project.parent / "dashboard-failed.png"), full_page=True)
+            raise
+        else:
             page.screenshot(path=str(project.parent / "dashboard.png"))
         finally:
             browser.close()

@@ -71,9 +71,10 @@ def test_save_and_load_round_trip(tmp_path):
         pad_divisor=32,
         train_size=32,
     )
-    _model.save(model, card, preprocess, tmp_path / "model")
+    written = _model.save(model, card, preprocess, tmp_path / "model")
     loaded, loaded_card = _model.load(tmp_path / "model")
-    assert loaded_card == card
+    assert loaded_card == written == card.model_copy(update={"weights_sha256": written.weights_sha256})
+    assert len(written.weights_sha256) == 64
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(model(x), loaded(x))
@@ -84,6 +85,53 @@ def test_save_and_load_round_trip(tmp_path):
         assert (tmp_path / f"again{attempt}" / "model.safetensors").read_bytes() == (
             tmp_path / "model" / "model.safetensors"
         ).read_bytes()
+
+
+def test_a_changed_weights_file_is_refused(tmp_path):
+    model = _model.build(SMALL, num_classes=2)
+    preprocess = tmp_path / "eval.json"
+    preprocess.write_text("{}")
+    card = _model.ModelCard(
+        arch="Unet",
+        encoder="resnet18",
+        encoder_depth=3,
+        decoder_channels=[16, 8, 4],
+        classes=["bg", "a"],
+        mean=[0.5],
+        std=[0.2],
+        in_channels=1,
+        pad_divisor=32,
+        train_size=32,
+    )
+    _model.save(model, card, preprocess, tmp_path / "model")
+    weights = tmp_path / "model" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # one bit of one weight
+    weights.write_bytes(bytes(data))
+    with pytest.raises(SegflowError, match=r"model.safetensors: its sha256 does not match .*model.json .*refusing"):
+        _model.load(tmp_path / "model")
+
+
+def test_onnx_export_is_checked_against_pytorch(tmp_path):
+    pytest.importorskip("onnxruntime")
+    model = _model.build(SMALL, num_classes=3)
+    preprocess = tmp_path / "eval.json"
+    preprocess.write_text("{}")
+    card = _model.ModelCard(
+        arch="Unet",
+        encoder="resnet18",
+        encoder_depth=3,
+        decoder_channels=[16, 8, 4],
+        classes=["bg", "a", "b"],
+        mean=[0.5, 0.5, 0.5],
+        std=[0.2, 0.2, 0.2],
+        pad_divisor=8,
+        train_size=32,
+    )
+    written = _model.save(model, card, preprocess, tmp_path / "model", export=["onnx"])
+    entry = written.exports["onnx"]
+    assert entry["file"] == "model.onnx" and entry["max_abs_logit_diff"] < 1e-3
+    assert _model.verify(tmp_path / "model", written, "onnx") == tmp_path / "model" / "model.onnx"
 
 
 def test_local_encoder_weights_are_loaded(tmp_path):
