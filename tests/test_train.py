@@ -55,22 +55,28 @@ def test_real_small_model_overfits_one_batch():
     assert accuracy > 0.95
 
 
+def _small_card(classes: int, channels: int = 3, pad_divisor: int = 32) -> _model.ModelCard:
+    """The card of a ``SMALL`` model with ``classes`` classes and ``channels`` input channels."""
+    return _model.ModelCard(
+        arch="Unet",
+        encoder="resnet18",
+        encoder_depth=3,
+        decoder_channels=[16, 8, 4],
+        classes=["bg", "a", "b", "c"][:classes],
+        mean=[0.5] * channels,
+        std=[0.2] * channels,
+        in_channels=channels,
+        pad_divisor=pad_divisor,
+        train_size=32,
+    )
+
+
 def test_save_and_load_round_trip(tmp_path):
     torch.manual_seed(1)
     model = _model.build(SMALL, num_classes=4).eval()
     preprocess = tmp_path / "eval.json"
     preprocess.write_text("{}")
-    card = _model.ModelCard(
-        arch="Unet",
-        encoder="resnet18",
-        encoder_depth=3,
-        decoder_channels=[16, 8, 4],
-        classes=["bg", "a", "b", "c"],
-        mean=(0.5, 0.5, 0.5),
-        std=(0.2, 0.2, 0.2),
-        pad_divisor=32,
-        train_size=32,
-    )
+    card = _small_card(4)
     written = _model.save(model, card, preprocess, tmp_path / "model")
     loaded, loaded_card = _model.load(tmp_path / "model")
     assert loaded_card == written == card.model_copy(update={"weights_sha256": written.weights_sha256})
@@ -91,18 +97,7 @@ def test_a_changed_weights_file_is_refused(tmp_path):
     model = _model.build(SMALL, num_classes=2)
     preprocess = tmp_path / "eval.json"
     preprocess.write_text("{}")
-    card = _model.ModelCard(
-        arch="Unet",
-        encoder="resnet18",
-        encoder_depth=3,
-        decoder_channels=[16, 8, 4],
-        classes=["bg", "a"],
-        mean=[0.5],
-        std=[0.2],
-        in_channels=1,
-        pad_divisor=32,
-        train_size=32,
-    )
+    card = _small_card(2, channels=1)
     _model.save(model, card, preprocess, tmp_path / "model")
     weights = tmp_path / "model" / "model.safetensors"
     data = bytearray(weights.read_bytes())
@@ -117,17 +112,7 @@ def test_onnx_export_is_checked_against_pytorch(tmp_path):
     model = _model.build(SMALL, num_classes=3)
     preprocess = tmp_path / "eval.json"
     preprocess.write_text("{}")
-    card = _model.ModelCard(
-        arch="Unet",
-        encoder="resnet18",
-        encoder_depth=3,
-        decoder_channels=[16, 8, 4],
-        classes=["bg", "a", "b"],
-        mean=[0.5, 0.5, 0.5],
-        std=[0.2, 0.2, 0.2],
-        pad_divisor=8,
-        train_size=32,
-    )
+    card = _small_card(3, pad_divisor=8)
     written = _model.save(model, card, preprocess, tmp_path / "model", export=["onnx"])
     entry = written.exports["onnx"]
     assert entry["file"] == "model.onnx" and entry["max_abs_logit_diff"] < 1e-3
