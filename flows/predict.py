@@ -60,6 +60,27 @@ def overlay(image: np.ndarray, mask: np.ndarray, classes: int) -> np.ndarray:
     return (rgb * (1 - alpha) + colour * alpha).round().astype(np.uint8)
 
 
+def check_targets(files: list[Path], out: Path, with_overlay: bool = False) -> None:
+    """Refuse inputs whose masks would overwrite each other or an input.
+
+    Raises:
+        SegflowError: two inputs share a stem, or an output would replace an input file.
+    """
+    seen: dict[str, Path] = {}
+    inputs = {path.resolve() for path in files}
+    for path in files:
+        if path.stem in seen:
+            raise SegflowError(
+                f"{path} and {seen[path.stem]} would both be written to {out / (path.stem + '.png')}; "
+                "predict them into separate --out folders or rename one"
+            )
+        seen[path.stem] = path
+        names = [f"{path.stem}.png", *([f"{path.stem}_overlay.png"] if with_overlay else [])]
+        for name in names:
+            if (out / name).resolve() in inputs:
+                raise SegflowError(f"{out / name}: is an input image; choose an --out folder that holds no inputs")
+
+
 def run(
     predictor, files: list[Path], out: Path, with_overlay: bool = False, progress: bool = True
 ) -> tuple[int, list[str]]:
@@ -70,6 +91,7 @@ def run(
     """
     from tqdm import tqdm
 
+    check_targets(files, out, with_overlay)
     out.mkdir(parents=True, exist_ok=True)
     written, errors = 0, []
     bar = tqdm(files, unit="image", disable=not progress, file=sys.stderr)

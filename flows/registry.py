@@ -209,9 +209,12 @@ def register(root: Path | str = ".", commit: bool | None = None) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "card.json").write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
     (folder / "card.md").write_text(_card.markdown(card), encoding="utf-8")
-    _git(root, "add", "--", *to_commit, str(folder.relative_to(root)))
+    paths = [*to_commit, str(folder.relative_to(root))]
+    _git(root, "add", "--", *paths)
     verdict = f"promoted to {cfg.stage}" if promoted else f"not promoted: {reason}"
-    _git(root, "commit", "-q", "-m", f"Register {cfg.model} {version}: test {cfg.metric} {candidate:.4f} ({verdict})")
+    # Only these paths: whatever else the user has staged stays staged, out of this commit.
+    message = f"Register {cfg.model} {version}: test {cfg.metric} {candidate:.4f} ({verdict})"
+    _git(root, "commit", "-q", "-m", message, "--only", "--", *paths)
     head = _git(root, "rev-parse", "HEAD").strip()
     api.register(str(root), cfg.model, "HEAD", version=version, message=json.dumps(info, sort_keys=True))
     if promoted:

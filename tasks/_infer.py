@@ -87,7 +87,10 @@ class Predictor:
 
     def _windows(self, height: int, width: int) -> Iterator[tuple[int, int, int, int]]:
         tile_h, tile_w = min(self.tile_size, height), min(self.tile_size, width)
-        step = self.tile_size - self.overlap
+        # Tiles start on the model's stride (tile_size is a multiple of it), so each tile sees the pixel
+        # grid the whole image would: the overlap is rounded up to the stride when it is not a multiple.
+        d = self.card.pad_divisor
+        step = max(d, (self.tile_size - self.overlap) // d * d)
         for y in _axis_starts(height, tile_h, step):
             for x in _axis_starts(width, tile_w, step):
                 yield y, x, tile_h, tile_w

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
 
+from tasks._common import SegflowError
 from tasks._infer import Predictor, _axis_starts, _axis_weights, to_channels, torch_forward
 from tasks._model import ModelCard
 
@@ -111,3 +114,26 @@ def test_the_trained_demo_model_agrees_tiled_and_whole():
     whole = Predictor(forward, card, tile_size=1024, overlap=0).predict(image)
     tiled = Predictor(forward, card, tile_size=256, overlap=128).predict(image)
     assert (whole == tiled).mean() >= 0.99
+
+
+def test_predict_refuses_outputs_that_would_overwrite_each_other_or_an_input(tmp_path):
+    from flows.predict import check_targets
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    one, two = tmp_path / "a/x.png", tmp_path / "b/x.jpg"
+    for path in (one, two):
+        path.write_bytes(b"")
+    with pytest.raises(SegflowError, match=r"b/x.jpg and .*a/x.png would both be written to .*out/x.png"):
+        check_targets([one, two], tmp_path / "out")
+    with pytest.raises(SegflowError, match=r"a/x.png: is an input image"):
+        check_targets([one], tmp_path / "a")
+    check_targets([one], tmp_path / "out", with_overlay=True)  # distinct names: fine
+
+
+def test_tiles_start_on_the_model_stride_whatever_the_overlap():
+    predictor = Predictor(lambda batch: batch, _card(pad=32), tile_size=256, overlap=50)
+    windows = list(predictor._windows(1504, 2016))
+    assert {y % 32 for y, _, _, _ in windows} == {0} and {x % 32 for _, x, _, _ in windows} == {0}
+    starts = sorted({x for _, x, _, _ in windows})
+    assert max(b - a for a, b in itertools.pairwise(starts)) <= 256 - 50, "at least the overlap asked"
