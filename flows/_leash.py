@@ -89,6 +89,12 @@ def main(argv: list[str]) -> int:
             pid = parent.split(":")[0]
             # No output here: the parent held the other end of our stdout, and it is gone.
             stop_group(os.getpgid(0), exclude=os.getpid())
+            # A stage stopped in the middle of its clean-up (or by the SIGKILL after the grace period)
+            # may leave its scratch folder; its process is gone now, so remove it here, not next run.
+            from tasks._guard import prune_scratch
+
+            with contextlib.suppress(OSError):
+                prune_scratch()
             mark_crashed(f"segflow (process {pid}) was killed; its stage was stopped")
             break
         time.sleep(0.25)
