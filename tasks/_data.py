@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import albumentations as A
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import Dataset, get_worker_info
+from torch.utils.data import Dataset, Sampler
 
 from tasks._common import SegflowError, read_image, read_mask
+
+log = logging.getLogger(__name__)
 
 
 class SegmentationDataset(Dataset):
     """Samples from ingest's layout, each passed through an albumentations pipeline.
 
+    An item key is a row index, or ``(row index, seed)`` from :class:`SeededSampler`: the seed
+    fixes that sample's augmentation, so a batch does not depend on which worker process built it.
     Items are ``(image (C, H, W) float32, mask (H, W) int64, index)``.
     """
 
@@ -23,12 +30,31 @@ class SegmentationDataset(Dataset):
         self.root = Path(root)
         self.rows = rows.reset_index(drop=True)
         self.transform = transform
+        self._cache: list[tuple[np.ndarray, np.ndarray]] | None = None
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """The untransformed sample: (H, W, C) uint8 image, (H, W) uint8 mask."""
+    def decoded_bytes(self) -> int:
+        """Memory the decoded images and masks take (uint8), from the manifest's sizes."""
+        channels = self.rows.get("channels", 3)
+        return int((self.rows["height"] * self.rows["width"] * (channels + 1)).sum())
+
+    def preload(self, budget_bytes: int, threads: int = 1) -> bool:
+        """Decode every sample once and keep it in memory, if it fits in ``budget_bytes``.
+
+        Call before the DataLoader starts its workers: forked workers share the decoded arrays.
+
+        Returns:
+            Whether the samples are now cached.
+        """
+        if not len(self) or self.decoded_bytes() > budget_bytes:
+            return False
+        with ThreadPoolExecutor(max(1, threads)) as pool:  # PNG decoding releases the GIL
+            self._cache = list(pool.map(self._decode, range(len(self))))
+        return True
+
+    def _decode(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         row = self.rows.iloc[index]
         image, mask = read_image(self.root / row["image"]), read_mask(self.root / row["mask"])
         if image.shape[:2] != mask.shape:
@@ -38,21 +64,42 @@ class SegmentationDataset(Dataset):
             )
         return image, mask
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """The untransformed sample: (H, W, C) uint8 image, (H, W) uint8 mask."""
+        return self._cache[index] if self._cache is not None else self._decode(index)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        index, seed = key if isinstance(key, tuple) else (key, None)
         image, mask = self.load(index)
+        if seed is not None:
+            self.transform.set_random_seed(seed)
         out = self.transform(image=image, mask=mask)
         image_t = torch.from_numpy(np.ascontiguousarray(out["image"].transpose(2, 0, 1)))
         return image_t, torch.from_numpy(out["mask"].astype(np.int64)), index
 
 
-def seed_worker(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: give each worker its own augmentation stream.
+class SeededSampler(Sampler):
+    """A shuffled pass over the dataset that also hands each sample its augmentation seed.
 
-    albumentations 2.x keeps its own generator, which every worker would
-    otherwise copy unchanged; torch's per-worker seed is derived from the run's seed.
+    The order and the seeds of epoch ``e`` come from ``(seed, e)`` alone (Lightning calls
+    ``set_epoch`` before each epoch), so any worker count gives the same batches, and a run
+    resumed at epoch ``e`` sees what an uninterrupted one would have seen.
     """
-    info = get_worker_info()
-    info.dataset.transform.set_random_seed(torch.initial_seed() % 2**32)
+
+    def __init__(self, size: int, seed: int, shuffle: bool = True):
+        self.size, self.seed, self.shuffle, self.epoch = size, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(self.size) if self.shuffle else np.arange(self.size)
+        seeds = rng.integers(0, 2**32, size=self.size, dtype=np.uint64)
+        return iter(zip(order.tolist(), seeds.tolist(), strict=True))
 
 
 def same_shape_batches(rows: pd.DataFrame, batch_size: int) -> list[list[int]]:

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 
 def build_train_transform(params: AugmentParams, seed: int, channels: int = 3) -> A.Compose:
-    """Random crops, flips, small affine warps, photometric jitter, then normalisation.
+    """Random crops, flips, small affine warps, elastic/grid distortion, photometric jitter, then normalisation.
 
     Geometric transforms move image and mask together; anything they pad is
     labelled ``IGNORE_INDEX`` so it counts towards no class.
@@ -56,6 +56,8 @@ def build_train_transform(params: AugmentParams, seed: int, channels: int = 3) -
             A.VerticalFlip(p=params.vflip),
             A.RandomRotate90(p=params.rotate90),
             A.Affine(scale=(0.85, 1.15), rotate=(-20, 20), translate_percent=(-0.05, 0.05), p=params.affine, **pad),
+            A.ElasticTransform(alpha=30, sigma=6, p=params.elastic, **pad),
+            A.GridDistortion(num_steps=5, distort_limit=0.25, p=params.grid_distortion, **pad),
             A.RandomBrightnessContrast(
                 brightness_limit=params.brightness_limit,
                 contrast_limit=params.contrast_limit,

@@ -20,6 +20,7 @@ from pydantic import (
     ConfigDict,
     Field,
     NonNegativeFloat,
+    NonNegativeInt,
     PositiveFloat,
     PositiveInt,
     ValidationError,
@@ -202,9 +203,12 @@ class IngestParams(_Section):
 
     def resolved_workers(self) -> int:
         """The worker count ``auto`` stands for: the cores this process may run on."""
-        if self.workers != "auto":
-            return self.workers
-        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return self.workers if self.workers != "auto" else available_cores()
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, which container limits narrow)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 class NormalizeParams(_Section):
@@ -250,6 +254,10 @@ class AugmentParams(_Section):
     brightness_limit: float = Field(0.2, ge=0.0, le=1.0)
     contrast_limit: float = Field(0.2, ge=0.0, le=1.0)
     gauss_noise: float = Field(0.2, ge=0.0, le=1.0)
+    #: Probability of an elastic deformation (smooth random displacement field; suits EM and cell images).
+    elastic: float = Field(0.0, ge=0.0, le=1.0)
+    #: Probability of a grid distortion (each grid cell stretched or squeezed).
+    grid_distortion: float = Field(0.0, ge=0.0, le=1.0)
     normalize: NormalizeParams = NormalizeParams()
     preview_samples: int = Field(6, ge=1, le=64)
 
@@ -268,7 +276,18 @@ class TrainParams(_Section):
     weight_decay: float = Field(1e-4, ge=0)
     epochs: int = Field(20, ge=1)
     batch_size: int = Field(16, ge=1)
-    num_workers: int = Field(0, ge=0)
+    #: DataLoader worker processes (decoding, augmentation). auto: on a GPU, the cores this process may use
+    #: less one for the training loop (at most 8 per device); on the CPU, 0 below 8 cores (the model
+    #: itself uses every core, and a worker only competes with it), else a quarter of them.
+    num_workers: Literal["auto"] | NonNegativeInt = "auto"
+    #: Decoded training and validation images are kept in memory when they fit in this many MiB
+    #: (decoded once, not every epoch); 0 = decode on every access.
+    cache_mb: NonNegativeInt = 2048
+    #: channels_last memory format for the model and its inputs (faster convolutions on tensor cores).
+    #: auto = on CUDA, not on the CPU.
+    channels_last: Literal["auto"] | bool = "auto"
+    #: torch.compile the model (its compile time is logged); first steps are slower, later ones faster.
+    compile: bool = False
     accelerator: Accelerator = "auto"
     #: Devices (GPUs) to train on. Only 1 so far: see the validator.
     devices: int = Field(1, ge=1)
@@ -281,6 +300,24 @@ class TrainParams(_Section):
     @classmethod
     def _weights(cls, value: str | None) -> str | None:
         return None if value in (None, "", "none", "null") else value
+
+    def resolved_workers(self, on_gpu: bool, cores: int | None = None) -> int:
+        """The DataLoader worker count ``auto`` stands for (see ``num_workers``).
+
+        Args:
+            on_gpu: the model trains on a GPU (the CPU is free for the data path).
+            cores: the cores available (default: this process's).
+        """
+        if self.num_workers != "auto":
+            return self.num_workers
+        cores = available_cores() if cores is None else cores
+        if on_gpu:
+            return max(0, min(8 * self.devices, cores - 1))
+        return 0 if cores < 8 else min(8, cores // 4)
+
+    def use_channels_last(self, on_gpu: bool) -> bool:
+        """Whether ``channels_last`` (auto: on a GPU) applies."""
+        return on_gpu if self.channels_last == "auto" else self.channels_last
 
     @model_validator(mode="after")
     def _decoder_depth(self) -> TrainParams:

@@ -10,6 +10,10 @@ validation split).
 
 from __future__ import annotations
 
+import time
+
+STARTED = time.perf_counter()  # before the heavy imports: start-up is reported from here
+
 from tasks._guard import preflight
 
 if __name__ == "__main__":
@@ -30,7 +34,7 @@ from torch.utils.data import DataLoader
 from tasks import _guard, _metrics, _model
 from tasks._callbacks import EpochLog
 from tasks._common import SegflowError, stage_main
-from tasks._data import SegmentationDataset, same_shape_batches, seed_worker
+from tasks._data import SeededSampler, SegmentationDataset, same_shape_batches
 from tasks._files import (
     EVAL_PIPELINE,
     LIVE_DIR,
@@ -41,7 +45,7 @@ from tasks._files import (
     read_manifest,
     split_rows,
 )
-from tasks.params import IGNORE_INDEX, Params, Paths, TrainParams
+from tasks.params import IGNORE_INDEX, Params, Paths, TrainParams, available_cores
 
 log = logging.getLogger(__name__)
 
@@ -76,18 +80,42 @@ class _SumLoss(torch.nn.Module):
 
 
 class SegmentationModule(L.LightningModule):
-    """Lightning wrapper: loss, AdamW with a one-cycle schedule, validation IoU/Dice."""
+    """Lightning wrapper: loss, AdamW with a one-cycle schedule, validation IoU/Dice.
 
-    def __init__(self, model: torch.nn.Module, params: TrainParams, classes: list[str]):
+    Args:
+        channels_last: keep weights and input batches in channels_last memory format.
+        compile: run the forward pass through ``torch.compile`` (``self.model`` stays the plain
+            module, which is what is saved).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        params: TrainParams,
+        classes: list[str],
+        *,
+        channels_last: bool = False,
+        compile: bool = False,
+    ):
         super().__init__()
-        self.model = model
+        self.model = model.to(memory_format=torch.channels_last) if channels_last else model
+        self.channels_last = channels_last
+        self.compiled = compile
+        # Not a registered submodule: the state dict keeps the plain model's names.
+        self.__dict__["net"] = torch.compile(self.model) if compile else self.model
         self.loss = build_loss(params.loss)
         self.cfg = params
         self.classes = classes
-        self._val_counts: list[tuple[torch.Tensor, ...]] = []
+        self._val_totals: torch.Tensor | None = None  # (4, C) tp/fp/fn/tn summed, on the device
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(images)
+        return self.net(images)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        if self.channels_last:
+            images, *rest = batch
+            batch = (images.contiguous(memory_format=torch.channels_last), *rest)
+        return batch
 
     def training_step(self, batch, batch_idx):
         images, masks, _ = batch
@@ -99,22 +127,27 @@ class SegmentationModule(L.LightningModule):
         images, masks, _ = batch
         logits = self(images)
         self.log("val/loss", self.loss(logits, masks), on_epoch=True, prog_bar=True, batch_size=len(images))
-        counts = _metrics.confusion_counts(logits.argmax(1), masks, len(self.classes))
-        self._val_counts.append(tuple(c.cpu() for c in counts))
+        counts = torch.stack([c.sum(0) for c in _metrics.confusion_counts(logits.argmax(1), masks, len(self.classes))])
+        # Summed on the device: no copy to the host (and no wait for the GPU) per batch.
+        self._val_totals = counts if self._val_totals is None else self._val_totals + counts
 
     def on_validation_epoch_end(self):
-        if not self._val_counts:
+        if self._val_totals is None:
             return
         # One process (params allow train.devices: 1 only), so these are all the counts.
-        counts = [torch.cat(parts) for parts in zip(*self._val_counts, strict=True)]
-        self._val_counts.clear()
-        summary = _metrics.summarize(*counts, self.classes)
+        totals, self._val_totals = self._val_totals.cpu(), None
+        summary = _metrics.summarize(*(t[None] for t in totals), self.classes)
         logged = {"val/iou_macro": summary["iou"]["macro"], "val/dice_macro": summary["dice"]["macro"]}
         logged.update({f"val/iou_{c}": v for c, v in summary["iou"]["per_class"].items() if v is not None})
         self.log_dict({k: float(v or 0.0) for k, v in logged.items()}, prog_bar=False, sync_dist=False)
 
     def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(self.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        optimizer = torch.optim.AdamW(
+            self.parameters(),
+            lr=self.cfg.lr,
+            weight_decay=self.cfg.weight_decay,
+            fused=self.device.type == "cuda",  # one kernel for the whole update instead of one per tensor
+        )
         schedule = torch.optim.lr_scheduler.OneCycleLR(
             optimizer, max_lr=self.cfg.lr, total_steps=self.trainer.estimated_stepping_batches
         )
@@ -159,11 +192,16 @@ def check_accelerator(accelerator: str) -> None:
         )
 
 
-def _loader(dataset: SegmentationDataset, params: TrainParams, seed: int, train: bool) -> DataLoader:
+def on_gpu(accelerator: str) -> bool:
+    """Whether training will run on a CUDA GPU (``auto`` picks one when there is one)."""
+    return accelerator != "cpu" and torch.cuda.is_available()
+
+
+def _loader(dataset: SegmentationDataset, params: TrainParams, seed: int, workers: int, train: bool) -> DataLoader:
     common = {
-        "num_workers": params.num_workers,
-        "worker_init_fn": seed_worker if params.num_workers else None,
-        "persistent_workers": params.num_workers > 0,
+        "num_workers": workers,
+        "persistent_workers": workers > 0,  # workers (and the cache they share) live for the whole run
+        "prefetch_factor": 4 if workers else None,
         "pin_memory": torch.cuda.is_available(),
     }
     if not train:
@@ -172,11 +210,21 @@ def _loader(dataset: SegmentationDataset, params: TrainParams, seed: int, train:
     return DataLoader(
         dataset,
         batch_size=params.batch_size,
-        shuffle=True,
+        sampler=SeededSampler(len(dataset), seed),
         drop_last=len(dataset) > params.batch_size,  # a lone 1-image last batch upsets BatchNorm
-        generator=torch.Generator().manual_seed(seed),
         **common,
     )
+
+
+def _prepare_data(datasets: list[SegmentationDataset], cache_mb: int) -> str:
+    """Decode the datasets into memory when they fit in ``cache_mb`` together; says what it did."""
+    need = sum(d.decoded_bytes() for d in datasets)
+    if not cache_mb or need > cache_mb * 2**20:
+        why = "train.cache_mb is 0" if not cache_mb else f"{need / 2**20:.0f} MiB > train.cache_mb {cache_mb}"
+        return f"decoded every epoch ({why})"
+    for dataset in datasets:
+        dataset.preload(cache_mb * 2**20, threads=available_cores())
+    return f"{sum(map(len, datasets))} images decoded once and cached ({need / 2**20:.1f} MiB)"
 
 
 def run(params: Params, paths: Paths) -> dict:
@@ -187,6 +235,7 @@ def run(params: Params, paths: Paths) -> dict:
     """
     cfg = params.train
     check_accelerator(cfg.accelerator)
+    entered = time.perf_counter()
     L.seed_everything(params.seed, workers=True, verbose=False)
     manifest = read_manifest(paths.ingest)
     train_rows = split_rows(manifest, "train")
@@ -198,12 +247,33 @@ def run(params: Params, paths: Paths) -> dict:
         paths.ingest, train_rows, load_transform(paths.augment / TRAIN_PIPELINE, params.seed)
     )
     val_set = SegmentationDataset(paths.ingest, val_rows, load_transform(paths.augment / EVAL_PIPELINE))
+    data_note = _prepare_data([train_set, val_set], cfg.cache_mb)
+    data_ready = time.perf_counter()
 
-    module = SegmentationModule(_model.build(cfg, num_classes, channels), cfg, params.classes)
+    gpu = on_gpu(cfg.accelerator)
+    workers = cfg.resolved_workers(gpu)
+    module = SegmentationModule(
+        _model.build(cfg, num_classes, channels),
+        cfg,
+        params.classes,
+        channels_last=cfg.use_channels_last(gpu),
+        compile=cfg.compile,
+    )
     precision = resolve_precision(cfg.precision, cfg.accelerator)
     live_dir = paths.train / LIVE_DIR
     live = _StageLive(dir=str(live_dir), dvcyaml=None, save_dvc_exp=False, report=None)
     logger = DVCLiveLogger(experiment=live, log_model=False)
+    log.info(
+        "start-up: imports %.1f s, data %.1f s (%s), model %.1f s; %d loader workers, %s%s%s",
+        entered - STARTED,
+        data_ready - entered,
+        data_note,
+        time.perf_counter() - data_ready,
+        workers,
+        precision,
+        ", channels_last" if module.channels_last else "",
+        ", torch.compile" if module.compiled else "",
+    )
 
     with _guard.scratch("train") as scratch:
         checkpoint = ModelCheckpoint(dirpath=scratch, monitor=MONITOR, mode="max", save_top_k=1, save_weights_only=True)
@@ -214,18 +284,19 @@ def run(params: Params, paths: Paths) -> dict:
             devices=cfg.devices,
             precision=precision,
             logger=logger,
-            callbacks=[EpochLog(), *([checkpoint] if len(val_set) else [])],
+            callbacks=[EpochLog(STARTED), *([checkpoint] if len(val_set) else [])],
             enable_checkpointing=bool(len(val_set)),
             default_root_dir=scratch,
             log_every_n_steps=1,
             num_sanity_val_steps=0,
             enable_progress_bar=sys.stderr.isatty(),
             enable_model_summary=False,
+            benchmark=gpu and not cfg.deterministic,  # crops have one size: cuDNN's autotuned kernels pay off
         )
         trainer.fit(
             module,
-            train_dataloaders=_loader(train_set, cfg, params.seed, train=True),
-            val_dataloaders=_loader(val_set, cfg, params.seed, train=False) if len(val_set) else None,
+            train_dataloaders=_loader(train_set, cfg, params.seed, workers, train=True),
+            val_dataloaders=_loader(val_set, cfg, params.seed, workers, train=False) if len(val_set) else None,
         )
         summary = {
             "seed": params.seed,

@@ -10,8 +10,17 @@ from safetensors.torch import save_file
 
 from tasks import _model, augment, ingest, train
 from tasks._common import SegflowError
-from tasks._files import LIVE_DIR, MODEL_DIR
-from tasks.params import IGNORE_INDEX, TrainParams
+from tasks._data import SegmentationDataset
+from tasks._files import (
+    EVAL_PIPELINE,
+    LIVE_DIR,
+    MODEL_DIR,
+    TRAIN_PIPELINE,
+    load_transform,
+    read_manifest,
+    split_rows,
+)
+from tasks.params import IGNORE_INDEX, TrainParams, available_cores
 
 SMALL = TrainParams(encoder="resnet18", encoder_depth=3, decoder_channels=[16, 8, 4])
 
@@ -188,6 +197,13 @@ def test_stage_run_writes_model_and_metrics(tiny_params, tiny_paths):
     live = json.loads((tiny_paths.train / LIVE_DIR / "metrics.json").read_text())
     assert {"loss", "iou_macro", "dice_macro"} <= set(live["val"])
     assert (tiny_paths.train / LIVE_DIR / "plots" / "metrics" / "train" / "loss.tsv").is_file()
+    # The data path's figures, per epoch, beside the losses.
+    perf = live["perf"]
+    assert 0.0 <= perf["data_wait_share"] <= 1.0
+    assert perf["images_per_s"] > 0 and perf["peak_rss_mb"] > 0 and perf["validation_s"] > 0
+    assert perf["startup_s"] > 0 and perf["first_step_s"] > 0
+    waits = (tiny_paths.train / LIVE_DIR / "plots" / "metrics" / "perf" / "data_wait_share.tsv").read_text()
+    assert len(waits.splitlines()) == 1 + summary["epochs"]  # header, one row per epoch
     model, _ = _model.load(model_dir)
     with torch.no_grad():
         assert model(torch.randn(1, 3, 32, 32)).shape == (1, 4, 32, 32)
@@ -217,3 +233,105 @@ def test_stage_runs_in_a_git_repository_without_commits(tiny_params, tmp_path, m
     train.run(tiny_params, paths)
     assert (paths.train / LIVE_DIR / "metrics.json").is_file()
     assert not (tmp_path / ".dvc").exists(), "training must not turn the user's repository into a DVC project"
+
+
+# --- speed: the data path and the device settings ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("setting", "gpu", "cores", "expected"),
+    [
+        ("auto", True, 16, 8),  # a GPU node: feed it, at most 8 per device
+        ("auto", True, 4, 3),  # one core left for the training loop
+        ("auto", True, 1, 0),
+        ("auto", False, 2, 0),  # CPU training: the model already uses every core
+        ("auto", False, 32, 8),
+        (3, False, 2, 3),  # an explicit count is kept
+    ],
+)
+def test_num_workers_auto_resolves_from_the_device_and_the_cores(setting, gpu, cores, expected):
+    assert SMALL.model_copy(update={"num_workers": setting}).resolved_workers(gpu, cores) == expected
+
+
+def test_num_workers_auto_is_the_default_and_counts_this_machine():
+    params = TrainParams()
+    assert params.num_workers == "auto"
+    assert (0 <= params.resolved_workers(True) <= 8 and params.resolved_workers(True) < available_cores()) or (
+        available_cores() == 1 and params.resolved_workers(True) == 0
+    )
+
+
+@pytest.fixture
+def tiny_sets(tiny_params, tiny_paths):
+    """The tiny project's training and validation datasets, as the stage builds them."""
+    ingest.run(tiny_params, tiny_paths)
+    augment.run(tiny_params, tiny_paths)
+    rows = read_manifest(tiny_paths.ingest)
+    make = lambda split, name, seed: SegmentationDataset(  # noqa: E731
+        tiny_paths.ingest, split_rows(rows, split), load_transform(tiny_paths.augment / name, seed)
+    )
+    return make("train", TRAIN_PIPELINE, tiny_params.seed), make("val", EVAL_PIPELINE, None)
+
+
+def _epochs_of_batches(dataset, workers: int, epochs: int = 2) -> list[list[torch.Tensor]]:
+    loader = train._loader(dataset, SMALL.model_copy(update={"batch_size": 4}), 7, workers, train=True)
+    seen = []
+    for epoch in range(epochs):
+        loader.sampler.set_epoch(epoch)  # as Lightning does before each epoch
+        seen.append([torch.cat([images.flatten(), masks.flatten().float()]) for images, masks, _ in loader])
+    return seen
+
+
+def test_two_workers_give_the_same_batches_as_one_for_the_same_seed(tiny_sets):
+    train_set, _ = tiny_sets
+    one, two = _epochs_of_batches(train_set, 1), _epochs_of_batches(train_set, 2)
+    assert len(one[0]) == len(two[0]) > 1
+    for epoch_one, epoch_two in zip(one, two, strict=True):
+        for a, b in zip(epoch_one, epoch_two, strict=True):
+            assert torch.equal(a, b)
+    # ... while each epoch draws new crops and a new order (the augmentation is not frozen).
+    assert not all(torch.equal(a, b) for a, b in zip(one[0], one[1], strict=True))
+
+
+def test_cached_samples_equal_decoded_ones_and_the_budget_is_kept(tiny_sets):
+    train_set, val_set = tiny_sets
+    fresh = [val_set[i] for i in range(len(val_set))]
+    assert not val_set.preload(budget_bytes=val_set.decoded_bytes() - 1)  # over budget: left on disk
+    assert val_set.preload(budget_bytes=val_set.decoded_bytes(), threads=2)
+    for (image, mask, _), (cached_image, cached_mask, _) in zip(fresh, val_set, strict=True):
+        assert torch.equal(image, cached_image) and torch.equal(mask, cached_mask)
+    # A training sample's augmentation follows its seed alone, cached or not.
+    key = (3, 12345)
+    before = train_set[key]
+    assert train_set.preload(budget_bytes=2**30)
+    assert all(torch.equal(a, b) for a, b in zip(before[:2], train_set[key][:2], strict=True))
+
+
+def test_channels_last_and_compile_are_applied_to_the_model():
+    module = train.SegmentationModule(
+        _model.build(SMALL, num_classes=2), SMALL, ["a", "b"], channels_last=True, compile=True
+    )
+    convs = [m for m in module.model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    assert isinstance(module.net, torch._dynamo.eval_frame.OptimizedModule)
+    assert module.net._orig_mod is module.model  # the plain model is what is saved
+    assert not any("_orig_mod" in key for key in module.state_dict())
+    images, *_ = module.on_after_batch_transfer((torch.randn(2, 3, 32, 32), None, None), 0)
+    assert images.is_contiguous(memory_format=torch.channels_last)
+    plain = train.SegmentationModule(_model.build(SMALL, num_classes=2), SMALL, ["a", "b"])
+    assert plain.net is plain.model and not plain.channels_last
+    assert plain.model.encoder.conv1.weight.is_contiguous()
+
+
+def test_stage_trains_in_channels_last_and_saves_a_plain_model(tiny_params, tiny_paths, caplog):
+    params = tiny_params.model_copy(
+        update={"train": tiny_params.train.model_copy(update={"channels_last": True, "cache_mb": 0})}
+    )
+    ingest.run(params, tiny_paths)
+    augment.run(params, tiny_paths)
+    with caplog.at_level("INFO", logger="tasks.train"):
+        train.run(params, tiny_paths)
+    assert "channels_last" in caplog.text and "decoded every epoch (train.cache_mb is 0)" in caplog.text
+    model, _ = _model.load(tiny_paths.train / MODEL_DIR)
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 32, 32)).shape == (1, 4, 32, 32)
