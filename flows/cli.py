@@ -190,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     run_parser.add_argument("--retries", type=int, default=0, help="retries of a killed stage (default 0)")
     run_parser.add_argument("--register", action="store_true", help="register the model after the stages")
     commands.add_parser("stages", help="list the pipeline's stages in run order")
+    params_parser = commands.add_parser("params", help="apply a ready configuration (e.g. configs/isbi2012.yaml)")
+    params_parser.add_argument("config", type=Path, help="YAML file of the params to change")
     server_parser = commands.add_parser("server", help="a local Prefect server and dashboard on 127.0.0.1")
     server_parser.add_argument("--port", type=int, default=4200, help="port (default 4200)")
     deploy_parser = commands.add_parser("deploy", help="create/update the scheduled 'retrain' deployment")
@@ -231,6 +233,15 @@ def _dispatch(args: argparse.Namespace, root: Path) -> int:
         from flows._plan import stage_order
 
         print("\n".join(stage_order(root)))
+        return 0
+    if args.command == "params":
+        from flows._config import apply
+
+        changed = apply(root, args.config)
+        print(
+            f"segflow: {len(changed)} param(s) changed in params.yaml"
+            + (f" ({', '.join(changed)}); run `dvc repro` or `segflow run`" if changed else "")
+        )
         return 0
     if args.command == "server":
         return ops.serve(root, args.port)

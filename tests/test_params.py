@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import re
+import shutil
 
 import pytest
 import segmentation_models_pytorch as smp
 import yaml
 
+from tasks._common import SegflowError
 from tasks.params import Arch, Params, ParamsError, load_params, parse_params
 from tests.conftest import ROOT
 
@@ -120,3 +122,36 @@ def test_outputs_may_not_leave_through_a_symbolic_link(tmp_path):
         load_params(project / "params.yaml")
     (project / "params.yaml").write_text(yaml.safe_dump({"paths": {"evaluate": str(project / "data/evaluate")}}))
     assert load_params(project / "params.yaml").paths.evaluate == project / "data/evaluate"
+
+
+def test_a_ready_configuration_is_applied_keeping_comments_and_refused_whole_when_bad(tmp_path):
+    from flows._config import apply
+
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    original = (tmp_path / "params.yaml").read_text()
+    config = tmp_path / "em.yaml"
+    config.write_text("classes: [bg, disc, square, triangle]\naugment: {elastic: 0.5}\ntrain: {epochs: 20, lr: 0.01}\n")
+    changed = apply(tmp_path, config)
+    assert changed == ["classes", "augment.elastic", "train.lr"]  # epochs was already 20
+    text = (tmp_path / "params.yaml").read_text()
+    assert "classes: [bg, disc, square, triangle]" in text
+    assert "# Every hyperparameter of the pipeline." in text and "# nightly at 02:00" in text  # comments kept
+    params = load_params(tmp_path / "params.yaml")
+    assert params.augment.elastic == 0.5 and params.train.lr == 0.01 and params.train.epochs == 20
+    assert len(text.splitlines()) == len(original.splitlines())
+    assert apply(tmp_path, config) == []  # applying twice changes nothing
+
+    config.write_text("train: {lrr: 0.1}\n")
+    with pytest.raises(SegflowError, match=r"unknown key 'train.lrr'"):
+        apply(tmp_path, config)
+    assert (tmp_path / "params.yaml").read_text() == text  # a bad configuration leaves params.yaml as it was
+    assert not list(tmp_path.glob(".params.yaml.tmp-*"))
+
+
+def test_the_shipped_configurations_are_valid(tmp_path):
+    from flows._config import apply
+
+    for config in sorted((ROOT / "configs").glob("*.yaml")):
+        shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+        assert apply(tmp_path, config), config
+        load_params(tmp_path / "params.yaml")
