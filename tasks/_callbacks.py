@@ -48,6 +48,7 @@ class EpochLog(L.Callback):
         self._wait = self._train_seconds = self._val_seconds = self._val_start = 0.0
         self._images = 0
         self._once: dict[str, float] = {}
+        self._once_logged = False
 
     def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self._epoch_start = self._last_end = time.perf_counter()
@@ -69,12 +70,13 @@ class EpochLog(L.Callback):
         self._last_end = time.perf_counter()
         if first:
             self._once["perf/first_step_s"] = self._last_end - self._batch_start
-            log.info(
-                "start-up: first step began %.1f s after the stage started and took %.1f s%s",
-                self._once["perf/startup_s"],
-                self._once["perf/first_step_s"],
-                " (torch.compile included)" if getattr(module, "compiled", False) else "",
-            )
+            if trainer.is_global_zero:
+                log.info(
+                    "start-up: first step began %.1f s after the stage started and took %.1f s%s",
+                    self._once["perf/startup_s"],
+                    self._once["perf/first_step_s"],
+                    " (torch.compile included)" if getattr(module, "compiled", False) else "",
+                )
         if last:
             self._train_seconds = self._last_end - self._epoch_start
 
@@ -91,9 +93,12 @@ class EpochLog(L.Callback):
         names = (("train/loss", "train loss"), ("val/loss", "val loss"), ("val/iou_macro", "val IoU"))
         shown = [f"{label} {float(metrics[key]):.4f}" for key, label in names if key in metrics]
         perf = self.epoch_figures(module.device)
-        if trainer.current_epoch == 0:
+        if self._once and not self._once_logged:  # the first epoch this process ran (also after a resume)
             perf.update(self._once)
-        module.log_dict(perf, on_step=False, on_epoch=True)
+            self._once_logged = True
+        module.log_dict(perf, on_step=False, on_epoch=True, rank_zero_only=True)
+        if not trainer.is_global_zero:
+            return
         shown.append(
             f"{perf['perf/images_per_s']:.1f} img/s, data wait {perf['perf/data_wait_share']:.0%}"
             + (f", validation {self._val_seconds:.1f} s" if self._val_seconds else "")

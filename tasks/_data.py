@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -83,29 +84,45 @@ class SeededSampler(Sampler):
 
     The order and the seeds of epoch ``e`` come from ``(seed, e)`` alone (Lightning calls
     ``set_epoch`` before each epoch), so any worker count gives the same batches, and a run
-    resumed at epoch ``e`` sees what an uninterrupted one would have seen.
+    resumed at epoch ``e`` sees what an uninterrupted one would have seen. Under DDP each of
+    ``world`` processes takes every ``world``-th sample from ``rank`` on (the pass padded by
+    wrapping around, so every process runs the same number of steps).
     """
 
-    def __init__(self, size: int, seed: int, shuffle: bool = True):
+    def __init__(self, size: int, seed: int, shuffle: bool = True, rank: int = 0, world: int = 1):
         self.size, self.seed, self.shuffle, self.epoch = size, seed, shuffle, 0
+        self.rank, self.world = rank, world
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.size
+        return math.ceil(self.size / self.world)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         rng = np.random.default_rng([self.seed, self.epoch])
         order = rng.permutation(self.size) if self.shuffle else np.arange(self.size)
         seeds = rng.integers(0, 2**32, size=self.size, dtype=np.uint64)
-        return iter(zip(order.tolist(), seeds.tolist(), strict=True))
+        padded = [(int(order[i % self.size]), int(seeds[i % self.size])) for i in range(len(self) * self.world)]
+        return iter(padded[self.rank :: self.world])
 
 
-def same_shape_batches(rows: pd.DataFrame, batch_size: int) -> list[list[int]]:
-    """Batches of row indices whose images share one size, so they stack without resizing."""
+def same_shape_batches(rows: pd.DataFrame, batch_size: int, rank: int = 0, world: int = 1) -> list[list[int]]:
+    """Batches of row indices whose images share one size, so they stack without resizing.
+
+    Under DDP, process ``rank`` of ``world`` takes every ``world``-th image: each image is
+    evaluated exactly once, and the per-class counts are summed across processes.
+
+    Raises:
+        SegflowError: fewer images than processes (a process would have nothing to validate).
+    """
+    if world > len(rows) > 0:
+        raise SegflowError(
+            f"the val split has {len(rows)} image(s), fewer than the {world} training processes; "
+            "raise ingest.val_fraction or use fewer train.devices"
+        )
     batches = []
-    for _, group in rows.groupby(["height", "width"], sort=True):
+    for _, group in rows.iloc[rank::world].groupby(["height", "width"], sort=True):
         index = group.index.tolist()
         batches += [index[i : i + batch_size] for i in range(0, len(index), batch_size)]
     return batches

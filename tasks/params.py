@@ -272,10 +272,32 @@ class TrainParams(_Section):
     #: holding encoder or whole-model weights. Hub names ("imagenet") need network.
     encoder_weights: str | None = None
     loss: Loss = "dice_ce"
+    #: adamw | sgd (with ``momentum``, Nesterov).
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    #: Peak learning rate (the schedule's top).
     lr: float = Field(3e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    #: Per optimiser step: onecycle (warm-up then cosine anneal), cosine (linear warm-up over
+    #: ``warmup_epochs``, then cosine to 0), poly (DeepLab's (1 - t/T)^0.9), constant.
+    schedule: Literal["onecycle", "cosine", "poly", "constant"] = "onecycle"
+    warmup_epochs: float = Field(1.0, ge=0.0)
+    #: Clip the gradients' global L2 norm to this (0 = off).
+    grad_clip: NonNegativeFloat = 0.0
+    #: Batches whose gradients are summed per optimiser step (effective batch = batch_size x this).
+    accumulate: PositiveInt = 1
     epochs: int = Field(20, ge=1)
     batch_size: int = Field(16, ge=1)
+    #: The metric that picks the kept epoch and drives early stopping: val/iou_macro, val/dice_macro,
+    #: val/loss, or val/iou_<class>; ``mode`` auto = min for losses, max for scores.
+    monitor: str = Field("val/iou_macro", pattern=r"^(val/(iou_macro|dice_macro|loss|iou_\w+)|train/loss)$")
+    mode: Literal["auto", "max", "min"] = "auto"
+    #: Early stopping: stop after this many epochs without an improvement of ``min_delta`` (0 = off).
+    patience: NonNegativeInt = 0
+    min_delta: NonNegativeFloat = 0.0
+    #: Resume an interrupted run from its last completed epoch (checkpoints in .segflow/checkpoints/,
+    #: keyed by params, data and code; see README "Training you can leave running").
+    resume: bool = True
     #: DataLoader worker processes (decoding, augmentation). auto: on a GPU, the cores this process may use
     #: less one for the training loop (at most 8 per device); on the CPU, 0 below 8 cores (the model
     #: itself uses every core, and a worker only competes with it), else a quarter of them.
@@ -289,8 +311,13 @@ class TrainParams(_Section):
     #: torch.compile the model (its compile time is logged); first steps are slower, later ones faster.
     compile: bool = False
     accelerator: Accelerator = "auto"
-    #: Devices (GPUs) to train on. Only 1 so far: see the validator.
-    devices: int = Field(1, ge=1)
+    #: Devices per node: a count, or auto (every GPU; one process on the CPU). Above 1 needs strategy ddp.
+    devices: Literal["auto"] | PositiveInt = 1
+    #: ddp: one process per device (Lightning DDP; gloo on CPU, NCCL on CUDA); auto: Lightning's choice
+    #: (DDP when there are several devices).
+    strategy: Literal["auto", "ddp"] = "auto"
+    #: Machines in a multi-node DDP run (launched on each node; README "Several GPUs, several nodes").
+    num_nodes: PositiveInt = 1
     precision: Precision = "auto"
     #: Deterministic kernels (torch.use_deterministic_algorithms, no cuDNN autotuning): bit-identical reruns on
     #: the same GPU and software, at some speed. CPU training is deterministic either way.
@@ -301,30 +328,35 @@ class TrainParams(_Section):
     def _weights(cls, value: str | None) -> str | None:
         return None if value in (None, "", "none", "null") else value
 
-    def resolved_workers(self, on_gpu: bool, cores: int | None = None) -> int:
-        """The DataLoader worker count ``auto`` stands for (see ``num_workers``).
+    def resolved_workers(self, on_gpu: bool, cores: int | None = None, world_size: int = 1) -> int:
+        """The DataLoader worker count ``auto`` stands for (see ``num_workers``), per training process.
 
         Args:
             on_gpu: the model trains on a GPU (the CPU is free for the data path).
             cores: the cores available (default: this process's).
+            world_size: training processes on this machine.
         """
         if self.num_workers != "auto":
             return self.num_workers
         cores = available_cores() if cores is None else cores
+        # Each DDP process has its own loader: share the cores between them.
+        per_process = cores // max(1, world_size)
         if on_gpu:
-            return max(0, min(8 * self.devices, cores - 1))
-        return 0 if cores < 8 else min(8, cores // 4)
+            return max(0, min(8, per_process - 1))
+        return 0 if per_process < 8 else min(8, per_process // 4)
 
     def use_channels_last(self, on_gpu: bool) -> bool:
         """Whether ``channels_last`` (auto: on a GPU) applies."""
         return on_gpu if self.channels_last == "auto" else self.channels_last
 
+    def resolved_mode(self) -> str:
+        """``max`` or ``min``: the direction in which ``monitor`` improves."""
+        if self.mode != "auto":
+            return self.mode
+        return "min" if self.monitor.endswith("loss") else "max"
+
     @model_validator(mode="after")
     def _decoder_depth(self) -> TrainParams:
-        if self.devices != 1:
-            # Validation counts are not yet gathered across processes, so each GPU
-            # would checkpoint on its own share of the data: refuse rather than mislead.
-            raise ValueError("training on several devices is not supported yet; set train.devices: 1")
         if self.decoder_channels is not None and len(self.decoder_channels) != self.encoder_depth:
             raise ValueError(
                 f"decoder_channels has {len(self.decoder_channels)} entries but encoder_depth is "

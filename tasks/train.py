@@ -19,25 +19,35 @@ from tasks._guard import preflight
 if __name__ == "__main__":
     preflight("train")  # a bad params.yaml fails here, before the imports below (seconds for torch)
 
+import contextlib
+import functools
+import hashlib
 import logging
+import math
 import os
+import random
 import sys
+import warnings
+from pathlib import Path
 
 import lightning as L
+import numpy as np
 import segmentation_models_pytorch as smp
 import torch
 from dvclive import Live
 from dvclive.lightning import DVCLiveLogger
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader
 
-from tasks import _guard, _metrics, _model
+from tasks import _checkpoints, _guard, _metrics, _model
 from tasks._callbacks import EpochLog
 from tasks._common import SegflowError, stage_main
 from tasks._data import SeededSampler, SegmentationDataset, same_shape_batches
 from tasks._files import (
     EVAL_PIPELINE,
     LIVE_DIR,
+    MANIFEST,
     MODEL_DIR,
     TRAIN_PIPELINE,
     image_channels,
@@ -49,7 +59,14 @@ from tasks.params import IGNORE_INDEX, Params, Paths, TrainParams, available_cor
 
 log = logging.getLogger(__name__)
 
-MONITOR = "val/iou_macro"
+#: Where the stage keeps its resumable checkpoints, relative to the project root (see tasks/_checkpoints.py).
+CHECKPOINTS = _guard.STATE_DIR / "checkpoints"
+#: How often (optimiser steps) a CUDA run looks at its non-finite-loss flag; on the CPU: every step.
+NAN_CHECK_EVERY = 50
+
+
+class NonFiniteLoss(SegflowError):
+    """The training loss became NaN or infinite."""
 
 
 def build_loss(name: str) -> torch.nn.Module:
@@ -80,7 +97,7 @@ class _SumLoss(torch.nn.Module):
 
 
 class SegmentationModule(L.LightningModule):
-    """Lightning wrapper: loss, AdamW with a one-cycle schedule, validation IoU/Dice.
+    """Lightning wrapper: loss, optimiser and schedule from params, validation IoU/Dice over all processes.
 
     Args:
         channels_last: keep weights and input batches in channels_last memory format.
@@ -107,6 +124,7 @@ class SegmentationModule(L.LightningModule):
         self.cfg = params
         self.classes = classes
         self._val_totals: torch.Tensor | None = None  # (4, C) tp/fp/fn/tn summed, on the device
+        self._first_bad: torch.Tensor | None = None  # index of the first batch with a non-finite loss, or -1
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images)
@@ -120,38 +138,181 @@ class SegmentationModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         images, masks, _ = batch
         loss = self.loss(self(images), masks)
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(images))
+        self._watch(loss, batch_idx)
+        self.log(
+            "train/loss",
+            loss,
+            on_step=False,
+            on_epoch=True,
+            prog_bar=True,
+            batch_size=len(images),
+            sync_dist=self.trainer.world_size > 1,
+        )
         return loss
+
+    # -- a loss that stops being a number stops the run -------------------------------------------
+
+    def _watch(self, loss: torch.Tensor, batch_idx: int) -> None:
+        """Remember the first batch whose loss is not finite, on the device (no wait for the GPU per step)."""
+        index = self.current_epoch * self.trainer.num_training_batches + batch_idx
+        if self._first_bad is None:
+            self._first_bad = torch.full((), -1, dtype=torch.long, device=loss.device)
+        bad = ~torch.isfinite(loss.detach()) & (self._first_bad < 0)
+        self._first_bad = torch.where(bad, torch.full_like(self._first_bad, index), self._first_bad)
+        if loss.device.type == "cpu" or (batch_idx + 1) % NAN_CHECK_EVERY == 0:
+            self.check_finite()
+
+    def check_finite(self) -> None:
+        """Raise :class:`NonFiniteLoss` naming the epoch and step if the loss has not stayed finite."""
+        if self._first_bad is None or int(self._first_bad) < 0:
+            return
+        per_epoch = self.trainer.num_training_batches
+        epoch, step = divmod(int(self._first_bad), per_epoch)
+        cfg = self.cfg
+        precision = self.trainer.precision
+        raise NonFiniteLoss(
+            f"the training loss became NaN or infinite at epoch {epoch + 1}, step {step + 1} of {per_epoch}; "
+            f"the run is diverging: lower train.lr (now {cfg.lr:g})"
+            + (
+                f", use train.precision: bf16-mixed or 32 (fp16 overflows: now {precision})"
+                if "16" in precision
+                else ""
+            )
+            + (", set train.grad_clip (e.g. 1.0)" if not cfg.grad_clip else "")
+            + ", or check the images for NaN/inf values"
+        )
+
+    def on_train_epoch_end(self) -> None:
+        self.check_finite()
+
+    # -- validation: counts summed on the device, then over all processes --------------------------
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_totals = torch.zeros(4, len(self.classes), dtype=torch.long, device=self.device)
+        if self.trainer.world_size > 1:
+            # Every process validates with rank 0's BatchNorm statistics (DDP keeps parameters equal,
+            # not buffers), so the score is that of the one model that is saved.
+            broadcast_buffers(self.model)
 
     def validation_step(self, batch, batch_idx):
         images, masks, _ = batch
         logits = self(images)
-        self.log("val/loss", self.loss(logits, masks), on_epoch=True, prog_bar=True, batch_size=len(images))
+        self.log(
+            "val/loss",
+            self.loss(logits, masks),
+            on_epoch=True,
+            prog_bar=True,
+            batch_size=len(images),
+            sync_dist=self.trainer.world_size > 1,
+        )
         counts = torch.stack([c.sum(0) for c in _metrics.confusion_counts(logits.argmax(1), masks, len(self.classes))])
-        # Summed on the device: no copy to the host (and no wait for the GPU) per batch.
-        self._val_totals = counts if self._val_totals is None else self._val_totals + counts
+        self._val_totals += counts  # summed on the device: no copy to the host per batch
 
     def on_validation_epoch_end(self):
-        if self._val_totals is None:
-            return
-        # One process (params allow train.devices: 1 only), so these are all the counts.
-        totals, self._val_totals = self._val_totals.cpu(), None
+        # Each process saw its shard of the val split; the sum over processes is the whole split.
+        totals = self.trainer.strategy.reduce(self._val_totals, reduce_op="sum").cpu()
+        self._val_totals = None
         summary = _metrics.summarize(*(t[None] for t in totals), self.classes)
         logged = {"val/iou_macro": summary["iou"]["macro"], "val/dice_macro": summary["dice"]["macro"]}
         logged.update({f"val/iou_{c}": v for c, v in summary["iou"]["per_class"].items() if v is not None})
         self.log_dict({k: float(v or 0.0) for k, v in logged.items()}, prog_bar=False, sync_dist=False)
 
+    # -- optimiser, schedule, and what a checkpoint carries besides weights ------------------------
+
     def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(
-            self.parameters(),
-            lr=self.cfg.lr,
-            weight_decay=self.cfg.weight_decay,
-            fused=self.device.type == "cuda",  # one kernel for the whole update instead of one per tensor
-        )
-        schedule = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=self.cfg.lr, total_steps=self.trainer.estimated_stepping_batches
-        )
+        cfg = self.cfg
+        fused = self.device.type == "cuda"  # one kernel for the whole update instead of one per tensor
+        if cfg.optimizer == "sgd":
+            optimizer = torch.optim.SGD(
+                self.parameters(),
+                lr=cfg.lr,
+                momentum=cfg.momentum,
+                nesterov=cfg.momentum > 0,
+                weight_decay=cfg.weight_decay,
+                fused=fused or None,
+            )
+        else:
+            optimizer = torch.optim.AdamW(self.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(cfg.warmup_epochs * total / max(1, self.trainer.max_epochs))
+        schedule = build_schedule(optimizer, cfg.schedule, cfg.lr, total, warmup)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["segflow_rng"] = {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": np.random.get_state(),
+            "python": random.getstate(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        states = checkpoint.get("segflow_rng")
+        if states:
+            torch.set_rng_state(states["torch"])
+            if states["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(states["cuda"])
+            np.random.set_state(states["numpy"])
+            random.setstate(states["python"])
+
+
+def build_schedule(
+    optimizer: torch.optim.Optimizer, name: str, lr: float, total: int, warmup: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """The per-step learning-rate schedule ``name`` over ``total`` steps, ``warmup`` of them linear warm-up.
+
+    onecycle is torch's (its own warm-up: 30% of the steps); cosine anneals to 0 after the warm-up;
+    poly is DeepLab's ``(1 - t/T)^0.9``; constant holds ``lr`` after the warm-up.
+    """
+    if name == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if name == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        if name == "poly":
+            return (1.0 - progress) ** 0.9
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def broadcast_buffers(model: torch.nn.Module) -> None:
+    """Copy rank 0's buffers (BatchNorm running statistics) to every process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        for buffer in model.buffers():
+            dist.broadcast(buffer.data, src=0)
+
+
+def has_unused_parameters(model: torch.nn.Module, channels: int, size: int) -> bool:
+    """Whether some parameters take no part in the output (an encoder cut short by ``encoder_depth``).
+
+    DDP must then be told to look for them each step (a little slower), or it fails at the first step.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        model(torch.zeros(2, channels, size, size)).float().sum().backward()
+        unused = any(p.grad is None for p in model.parameters() if p.requires_grad)
+    finally:
+        for p in model.parameters():
+            p.grad = None
+        model.train(was_training)
+    return unused
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 over the state dict's names and bytes (what the ranks of a DDP run compare)."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 class _StageLive(Live):
@@ -197,7 +358,15 @@ def on_gpu(accelerator: str) -> bool:
     return accelerator != "cpu" and torch.cuda.is_available()
 
 
-def _loader(dataset: SegmentationDataset, params: TrainParams, seed: int, workers: int, train: bool) -> DataLoader:
+def _loader(
+    dataset: SegmentationDataset,
+    params: TrainParams,
+    seed: int,
+    workers: int,
+    train: bool,
+    rank: int = 0,
+    world: int = 1,
+) -> DataLoader:
     common = {
         "num_workers": workers,
         "persistent_workers": workers > 0,  # workers (and the cache they share) live for the whole run
@@ -205,13 +374,15 @@ def _loader(dataset: SegmentationDataset, params: TrainParams, seed: int, worker
         "pin_memory": torch.cuda.is_available(),
     }
     if not train:
-        # Full images, padded to the model's stride; batches group images of one size.
-        return DataLoader(dataset, batch_sampler=same_shape_batches(dataset.rows, params.batch_size), **common)
+        # Full images, padded to the model's stride; batches group images of one size; a shard per process.
+        batches = same_shape_batches(dataset.rows, params.batch_size, rank, world)
+        return DataLoader(dataset, batch_sampler=batches, **common)
+    per_process = math.ceil(len(dataset) / world)
     return DataLoader(
         dataset,
         batch_size=params.batch_size,
-        sampler=SeededSampler(len(dataset), seed),
-        drop_last=len(dataset) > params.batch_size,  # a lone 1-image last batch upsets BatchNorm
+        sampler=SeededSampler(len(dataset), seed, rank=rank, world=world),
+        drop_last=per_process > params.batch_size,  # a lone 1-image last batch upsets BatchNorm
         **common,
     )
 
@@ -227,8 +398,73 @@ def _prepare_data(datasets: list[SegmentationDataset], cache_mb: int) -> str:
     return f"{sum(map(len, datasets))} images decoded once and cached ({need / 2**20:.1f} MiB)"
 
 
-def run(params: Params, paths: Paths) -> dict:
+def _run_key(params: Params, paths: Paths) -> str:
+    """What identifies this training run for resuming: its params, input data and code."""
+    train = params.train.model_dump(mode="json", exclude=set(_checkpoints.SPEED_ONLY))
+    keyed = {
+        "seed": params.seed,
+        "classes": params.classes,
+        "augment": params.augment.model_dump(mode="json", include={"normalize", "pad_divisor", "crop_size"}),
+        "train": train,
+        "export": params.register.export,
+    }
+    inputs = [paths.ingest / MANIFEST, paths.augment / TRAIN_PIPELINE, paths.augment / EVAL_PIPELINE]
+    return _checkpoints.run_key(keyed, inputs, list(Path(__file__).parent.glob("*.py")))
+
+
+def _callbacks(cfg: TrainParams, folder: Path, validated: bool) -> tuple[list[L.Callback], ModelCheckpoint]:
+    """Epoch log, checkpoints (the last epoch's, to resume; the best by ``monitor``) and early stopping.
+
+    Raises:
+        SegflowError: ``monitor`` is a validation metric, but there is no validation split to compute it.
+    """
+    monitored = validated or cfg.monitor.startswith("train/")
+    if cfg.patience and not monitored:
+        raise SegflowError(
+            f"train.patience is {cfg.patience} but train.monitor {cfg.monitor} needs a validation split and there is "
+            "none; set ingest.val_fraction above 0, train.monitor: train/loss, or train.patience: 0"
+        )
+    checkpoint = ModelCheckpoint(
+        dirpath=folder,
+        filename="best",
+        monitor=cfg.monitor if monitored and validated else None,
+        mode=cfg.resolved_mode(),
+        save_top_k=1 if validated else 0,
+        save_last=True,
+        enable_version_counter=False,
+    )
+    callbacks: list[L.Callback] = [EpochLog(STARTED), checkpoint]
+    if cfg.patience:
+        callbacks.append(
+            EarlyStopping(
+                monitor=cfg.monitor,
+                mode=cfg.resolved_mode(),
+                patience=cfg.patience,
+                min_delta=cfg.min_delta,
+                check_on_train_epoch_end=not validated,
+                verbose=False,
+            )
+        )
+    return callbacks, checkpoint
+
+
+def _strategy(
+    cfg: TrainParams, model: torch.nn.Module, channels: int, stride: int
+) -> str | L.pytorch.strategies.Strategy:
+    """The Lightning strategy: ``ddp`` told about unused parameters when the model has some."""
+    if cfg.strategy != "ddp":
+        return cfg.strategy
+    from lightning.pytorch.strategies import DDPStrategy
+
+    return DDPStrategy(find_unused_parameters=has_unused_parameters(model, channels, 2 * stride))
+
+
+def run(params: Params, paths: Paths, checkpoint_root: Path | None = None) -> dict:
     """Train and save the model under ``paths.train``.
+
+    Args:
+        checkpoint_root: where resumable per-epoch checkpoints are kept (the stage passes
+            ``.segflow/checkpoints``); None keeps them in a scratch folder removed at the end.
 
     Returns:
         Training summary (also stored in the model card's ``training`` field).
@@ -251,7 +487,6 @@ def run(params: Params, paths: Paths) -> dict:
     data_ready = time.perf_counter()
 
     gpu = on_gpu(cfg.accelerator)
-    workers = cfg.resolved_workers(gpu)
     module = SegmentationModule(
         _model.build(cfg, num_classes, channels),
         cfg,
@@ -260,43 +495,65 @@ def run(params: Params, paths: Paths) -> dict:
         compile=cfg.compile,
     )
     precision = resolve_precision(cfg.precision, cfg.accelerator)
-    live_dir = paths.train / LIVE_DIR
-    live = _StageLive(dir=str(live_dir), dvcyaml=None, save_dvc_exp=False, report=None)
-    logger = DVCLiveLogger(experiment=live, log_model=False)
-    log.info(
-        "start-up: imports %.1f s, data %.1f s (%s), model %.1f s; %d loader workers, %s%s%s",
-        entered - STARTED,
-        data_ready - entered,
-        data_note,
-        time.perf_counter() - data_ready,
-        workers,
-        precision,
-        ", channels_last" if module.channels_last else "",
-        ", torch.compile" if module.compiled else "",
-    )
-
-    with _guard.scratch("train") as scratch:
-        checkpoint = ModelCheckpoint(dirpath=scratch, monitor=MONITOR, mode="max", save_top_k=1, save_weights_only=True)
+    # Under DDP the validation scores are computed from counts already summed over processes and the perf
+    # figures are rank 0's: Lightning's advice to sync each of them again does not apply.
+    warnings.filterwarnings("ignore", message=r".*sync_dist=True.*", category=UserWarning)
+    persistent = checkpoint_root is not None and cfg.resume
+    with contextlib.ExitStack() as stack:
+        if persistent:
+            key = _run_key(params, paths)
+            primary = rank_zero_only.rank == 0  # only rank 0 prunes; the others use the same folder
+            folder = _checkpoints.folder(checkpoint_root, key) if primary else checkpoint_root / f"train-{key}"
+        else:
+            folder = stack.enter_context(_guard.scratch("train"))
+        callbacks, checkpoint = _callbacks(cfg, folder, bool(len(val_set)))
+        live = None
+        if rank_zero_only.rank == 0:  # other DDP processes write nothing
+            live = _StageLive(dir=str(paths.train / LIVE_DIR), dvcyaml=None, save_dvc_exp=False, report=None)
         trainer = L.Trainer(
             max_epochs=cfg.epochs,
             deterministic=cfg.deterministic,
             accelerator=cfg.accelerator,
             devices=cfg.devices,
+            num_nodes=cfg.num_nodes,
+            strategy=_strategy(cfg, module.model, channels, params.augment.pad_divisor),
             precision=precision,
-            logger=logger,
-            callbacks=[EpochLog(STARTED), *([checkpoint] if len(val_set) else [])],
-            enable_checkpointing=bool(len(val_set)),
-            default_root_dir=scratch,
+            logger=DVCLiveLogger(experiment=live, log_model=False) if live else False,
+            callbacks=callbacks,
+            default_root_dir=folder,
             log_every_n_steps=1,
             num_sanity_val_steps=0,
             enable_progress_bar=sys.stderr.isatty(),
             enable_model_summary=False,
             benchmark=gpu and not cfg.deterministic,  # crops have one size: cuDNN's autotuned kernels pay off
+            gradient_clip_val=cfg.grad_clip or None,
+            accumulate_grad_batches=cfg.accumulate,
+            use_distributed_sampler=False,  # our samplers shard themselves (same batches for any worker count)
         )
+        rank, world = trainer.global_rank, trainer.world_size
+        workers = cfg.resolved_workers(gpu, world_size=max(1, world // cfg.num_nodes))
+        if trainer.is_global_zero:
+            log.info(
+                "start-up: imports %.1f s, data %.1f s (%s), model %.1f s; %d loader workers, %s%s%s%s",
+                entered - STARTED,
+                data_ready - entered,
+                data_note,
+                time.perf_counter() - data_ready,
+                workers,
+                precision,
+                ", channels_last" if module.channels_last else "",
+                ", torch.compile" if module.compiled else "",
+                f", {world} processes (DDP)" if world > 1 else "",
+            )
+        resume = _checkpoints.resumable(folder) if persistent else None
+        if resume and trainer.is_global_zero:
+            log.info("resuming from epoch %d of %d (checkpoint %s)", resume[1] + 1, cfg.epochs, resume[0])
         trainer.fit(
             module,
-            train_dataloaders=_loader(train_set, cfg, params.seed, workers, train=True),
-            val_dataloaders=_loader(val_set, cfg, params.seed, workers, train=False) if len(val_set) else None,
+            train_dataloaders=_loader(train_set, cfg, params.seed, workers, True, rank, world),
+            val_dataloaders=_loader(val_set, cfg, params.seed, workers, False, rank, world) if len(val_set) else None,
+            ckpt_path=resume[0] if resume else None,
+            weights_only=False,
         )
         summary = {
             "seed": params.seed,
@@ -305,13 +562,24 @@ def run(params: Params, paths: Paths) -> dict:
             "train_images": len(train_set),
             "val_images": len(val_set),
         }
+        if trainer.early_stopping_callback is not None and trainer.early_stopping_callback.stopped_epoch:
+            summary["stopped_early"] = True
         if len(val_set) and checkpoint.best_model_path:
-            best = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)
+            best = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=False)
             module.load_state_dict(best["state_dict"])
-            summary["best_val_iou_macro"] = round(float(checkpoint.best_model_score), 6)
-            summary["best_epoch"] = int(best["epoch"])
+            summary["monitor"] = cfg.monitor
+            summary["best_score"] = round(float(checkpoint.best_model_score), 6)
+            if cfg.monitor == "val/iou_macro":
+                summary["best_val_iou_macro"] = summary["best_score"]
+            summary["best_epoch"] = int(best["epoch"]) + 1
+        if world > 1:
+            broadcast_buffers(module.model)
+            log.info("rank %d of %d: final weights sha256 %s", rank, world, weights_digest(module.model))
 
     if trainer.is_global_zero:
+        # A plain copy of the trained weights: no compile wrapper, default memory format, whatever the run used.
+        plain = _model.build(cfg, num_classes, channels)
+        plain.load_state_dict(module.model.state_dict())
         # Only the augment keys dvc.yaml lists for this stage (the contract test checks).
         card = _model.ModelCard(
             arch=cfg.arch,
@@ -326,15 +594,15 @@ def run(params: Params, paths: Paths) -> dict:
             train_size=params.augment.crop_size,
             training=summary,
         )
-        _model.save(
-            module.model, card, paths.augment / EVAL_PIPELINE, paths.train / MODEL_DIR, export=params.register.export
-        )
+        _model.save(plain, card, paths.augment / EVAL_PIPELINE, paths.train / MODEL_DIR, export=params.register.export)
         log.info("model saved to %s (%s)", paths.train / MODEL_DIR, summary)
+        if persistent:
+            _checkpoints.finished(folder)
     return summary
 
 
 def main() -> None:
-    stage_main(run, "train")
+    stage_main(functools.partial(run, checkpoint_root=CHECKPOINTS), "train")
 
 
 if __name__ == "__main__":
