@@ -239,11 +239,14 @@ class SegmentationModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Tensors and plain values only, so the checkpoint loads with torch.load(weights_only=True).
+        kind, keys, position, has_gauss, gauss = np.random.get_state()
+        version, python_state, python_gauss = random.getstate()
         checkpoint["segflow_rng"] = {
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": np.random.get_state(),
-            "python": random.getstate(),
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss],
+            "python": [version, list(python_state), python_gauss],
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -252,8 +255,10 @@ class SegmentationModule(L.LightningModule):
             torch.set_rng_state(states["torch"])
             if states["cuda"] and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(states["cuda"])
-            np.random.set_state(states["numpy"])
-            random.setstate(states["python"])
+            kind, keys, position, has_gauss, gauss = states["numpy"]
+            np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
+            version, python_state, python_gauss = states["python"]
+            random.setstate((version, tuple(python_state), python_gauss))
 
 
 def build_schedule(
@@ -553,7 +558,7 @@ def run(params: Params, paths: Paths, checkpoint_root: Path | None = None) -> di
             train_dataloaders=_loader(train_set, cfg, params.seed, workers, True, rank, world),
             val_dataloaders=_loader(val_set, cfg, params.seed, workers, False, rank, world) if len(val_set) else None,
             ckpt_path=resume[0] if resume else None,
-            weights_only=False,
+            weights_only=True,  # tensors and plain values only: loading a checkpoint runs no pickled code
         )
         summary = {
             "seed": params.seed,
@@ -565,7 +570,7 @@ def run(params: Params, paths: Paths, checkpoint_root: Path | None = None) -> di
         if trainer.early_stopping_callback is not None and trainer.early_stopping_callback.stopped_epoch:
             summary["stopped_early"] = True
         if len(val_set) and checkpoint.best_model_path:
-            best = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=False)
+            best = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)
             module.load_state_dict(best["state_dict"])
             summary["monitor"] = cfg.monitor
             summary["best_score"] = round(float(checkpoint.best_model_score), 6)

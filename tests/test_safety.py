@@ -38,6 +38,8 @@ def test_no_code_path_unpickles_a_file():
                     isinstance(weights_only[0].value, ast.Constant) and weights_only[0].value.value
                 ):
                     offenders.append(where)
+            if any(k.arg == "weights_only" and getattr(k.value, "value", None) is False for k in node.keywords):
+                offenders.append(where)  # e.g. Trainer.fit(ckpt_path=..., weights_only=False)
             if name in ("np.load", "numpy.load") and any(
                 k.arg == "allow_pickle" and getattr(k.value, "value", False) for k in node.keywords
             ):
