@@ -39,17 +39,6 @@ PROMISES = [
         ],
     ),
     (
-        "A training stage killed with SIGKILL mid-epoch resumes from its last completed epoch on the next run "
-        "and ends with weights bit-identical to an uninterrupted run (CPU); a checkpoint of other params is not "
-        "resumed; a finished run leaves no checkpoints",
-        ["tests/test_training_runs.py::test_a_killed_run_resumes_and_ends_bit_identical_to_an_uninterrupted_one"],
-    ),
-    (
-        "A loss that becomes NaN or infinite stops training with one line naming epoch, step and likely causes; "
-        "no model is written",
-        ["tests/test_training_runs.py::test_a_nan_loss_stops_the_run_with_one_line_naming_epoch_step_and_causes"],
-    ),
-    (
         "After those kills the next `segflow run` works at once and leaves nothing behind",
         ["tests/test_reliability.py::test_after_the_kills_the_next_run_works_at_once"],
     ),
@@ -60,6 +49,17 @@ PROMISES = [
     (
         "A second `segflow run` on a busy project fails at once with one line naming the first one's PID",
         ["tests/test_reliability.py::test_two_runs_at_once_the_second_names_the_first"],
+    ),
+    (
+        "A training stage killed with SIGKILL mid-epoch resumes from its last completed epoch on the next run "
+        "and ends with weights bit-identical to an uninterrupted run (CPU); a checkpoint of other params is not "
+        "resumed; a finished run leaves no checkpoints",
+        ["tests/test_training_runs.py::test_a_killed_run_resumes_and_ends_bit_identical_to_an_uninterrupted_one"],
+    ),
+    (
+        "A loss that becomes NaN or infinite stops training with one line naming epoch, step and likely causes; "
+        "no model is written",
+        ["tests/test_training_runs.py::test_a_nan_loss_stops_the_run_with_one_line_naming_epoch_step_and_causes"],
     ),
     (
         "A bad params value or bad data under plain `dvc repro` fails with one line and leaves every output "
