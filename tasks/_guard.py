@@ -112,6 +112,12 @@ def under_dvc() -> bool:
     return bool(os.environ.get("DVC_ROOT"))
 
 
+def secondary_rank() -> bool:
+    """Whether this is a training process other than rank 0 of a DDP run (Lightning, torchrun or SLURM
+    started it). Such a process writes nothing to the project: outputs and their bookkeeping are rank 0's."""
+    return any(int(os.environ.get(name, "0") or 0) > 0 for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
+
+
 def _arm(stage: str) -> None:
     """Once per process: signals raise :class:`Interrupted`, the parent is watched, and an exception
     nobody catches (during the stage's imports, say) still puts the outputs back before the process ends."""
@@ -142,9 +148,9 @@ _armed: list[str] = []
 def guarded(stage: str) -> Iterator[None]:
     """Run a stage's body: on success keep a copy of its git-tracked outputs, on any failure restore.
 
-    Outside DVC (no ``DVC_ROOT``) it does nothing.
+    Outside DVC (no ``DVC_ROOT``), and in DDP processes other than rank 0, it does nothing.
     """
-    if not under_dvc():
+    if not under_dvc() or secondary_rank():
         yield
         return
     _arm(stage)
