@@ -409,7 +409,8 @@ def _run_key(params: Params, paths: Paths) -> str:
     keyed = {
         "seed": params.seed,
         "classes": params.classes,
-        "augment": params.augment.model_dump(mode="json", include={"normalize", "pad_divisor", "crop_size"}),
+        "normalize": [params.augment.normalize.mean, params.augment.normalize.std],
+        "geometry": [params.augment.pad_divisor, params.augment.crop_size],
         "train": train,
         "export": params.register.export,
     }

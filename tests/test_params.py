@@ -43,7 +43,9 @@ def test_project_params_file_is_valid_and_complete():
         ({"classes": ["bg", *"abcdefg"]}, "at most 6 object classes"),
         ({"augment": {"crop_size": 100}}, "augment.crop_size is 100, not a multiple of 32"),
         ({"train": {"encoder_depth": 3}, "augment": {"pad_divisor": 4}}, "augment.pad_divisor is 4"),
-        ({"train": {"devices": 2}}, "set train.devices: 1"),
+        ({"train": {"devices": 0}}, "train.devices"),
+        ({"train": {"strategy": "ddp_spawn"}}, "train.strategy"),
+        ({"train": {"monitor": "val/accuracy"}}, "train.monitor"),
         ({"evaluate": {"preview_samples": 0}}, "evaluate.preview_samples"),
     ],
 )

@@ -212,7 +212,14 @@ def _running(api: str) -> list[dict]:
 
 
 @pytest.mark.parametrize(
-    "signum", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT], ids=["SIGKILL", "SIGTERM", "SIGINT"]
+    "signum",
+    [
+        signal.SIGKILL,
+        # The same path with a different signal: in `make reliability` and `make test-all`, not the default run.
+        pytest.param(signal.SIGTERM, marks=pytest.mark.slow),
+        pytest.param(signal.SIGINT, marks=pytest.mark.slow),
+    ],
+    ids=["SIGKILL", "SIGTERM", "SIGINT"],
 )
 def test_killing_segflow_run_mid_training_stops_everything_and_keeps_the_outputs(project, prefect_api, signum):
     before = _outputs(project)
