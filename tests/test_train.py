@@ -323,15 +323,26 @@ def test_channels_last_and_compile_are_applied_to_the_model():
     assert plain.model.encoder.conv1.weight.is_contiguous()
 
 
-def test_stage_trains_in_channels_last_and_saves_a_plain_model(tiny_params, tiny_paths, caplog):
-    params = tiny_params.model_copy(
-        update={"train": tiny_params.train.model_copy(update={"channels_last": True, "cache_mb": 0})}
-    )
+def test_stage_trains_in_channels_last_with_sgd_clipping_accumulation_and_saves_a_plain_model(
+    tiny_params, tiny_paths, caplog
+):
+    """The non-default paths in one stage run: channels_last, no cache, SGD + poly, clipping, accumulation."""
+    update = {
+        "channels_last": True,
+        "cache_mb": 0,
+        "optimizer": "sgd",
+        "schedule": "poly",
+        "grad_clip": 1.0,
+        "accumulate": 2,
+        "lr": 0.01,
+    }
+    params = tiny_params.model_copy(update={"train": tiny_params.train.model_copy(update=update)})
     ingest.run(params, tiny_paths)
     augment.run(params, tiny_paths)
     with caplog.at_level("INFO", logger="tasks.train"):
-        train.run(params, tiny_paths)
+        summary = train.run(params, tiny_paths)
     assert "channels_last" in caplog.text and "decoded every epoch (train.cache_mb is 0)" in caplog.text
+    assert summary["epochs"] == 1
     model, _ = _model.load(tiny_paths.train / MODEL_DIR)
     with torch.no_grad():
         assert model(torch.randn(1, 3, 32, 32)).shape == (1, 4, 32, 32)

@@ -208,15 +208,6 @@ def test_schedules_warm_up_and_end_where_they_should(name):
         assert rates[10:] == [pytest.approx(0.1)] * 90
 
 
-def test_sgd_with_clipping_and_accumulation_trains_the_stage(tiny_params, tiny_paths):
-    update = {"optimizer": "sgd", "schedule": "poly", "grad_clip": 1.0, "accumulate": 2, "lr": 0.01}
-    params = tiny_params.model_copy(update={"train": tiny_params.train.model_copy(update=update)})
-    ingest.run(params, tiny_paths)
-    augment.run(params, tiny_paths)
-    summary = train.run(params, tiny_paths)
-    assert summary["epochs"] == 1 and (tiny_paths.train / MODEL_DIR / "model.safetensors").is_file()
-
-
 def test_ddp_two_cpu_processes_agree_and_log_the_whole_val_split(project):
     _set(project, {"train": {"devices": 2, "strategy": "ddp", "accelerator": "cpu", "epochs": 2}})
     try:
