@@ -424,7 +424,8 @@ def _callbacks(cfg: TrainParams, folder: Path, validated: bool) -> tuple[list[L.
     Raises:
         SegflowError: ``monitor`` is a validation metric, but there is no validation split to compute it.
     """
-    monitored = validated or cfg.monitor.startswith("train/")
+    on_train = cfg.monitor.startswith("train/")  # known at the end of the training epoch, after validation
+    monitored = validated or on_train
     if cfg.patience and not monitored:
         raise SegflowError(
             f"train.patience is {cfg.patience} but train.monitor {cfg.monitor} needs a validation split and there is "
@@ -433,11 +434,12 @@ def _callbacks(cfg: TrainParams, folder: Path, validated: bool) -> tuple[list[L.
     checkpoint = ModelCheckpoint(
         dirpath=folder,
         filename="best",
-        monitor=cfg.monitor if monitored and validated else None,
+        monitor=cfg.monitor if monitored else None,
         mode=cfg.resolved_mode(),
-        save_top_k=1 if validated else 0,
+        save_top_k=1 if monitored else 0,
         save_last=True,
         enable_version_counter=False,
+        save_on_train_epoch_end=on_train or not validated,
     )
     callbacks: list[L.Callback] = [EpochLog(STARTED), checkpoint]
     if cfg.patience:
@@ -447,7 +449,7 @@ def _callbacks(cfg: TrainParams, folder: Path, validated: bool) -> tuple[list[L.
                 mode=cfg.resolved_mode(),
                 patience=cfg.patience,
                 min_delta=cfg.min_delta,
-                check_on_train_epoch_end=not validated,
+                check_on_train_epoch_end=on_train or not validated,
                 verbose=False,
             )
         )
@@ -570,7 +572,7 @@ def run(params: Params, paths: Paths, checkpoint_root: Path | None = None) -> di
         }
         if trainer.early_stopping_callback is not None and trainer.early_stopping_callback.stopped_epoch:
             summary["stopped_early"] = True
-        if len(val_set) and checkpoint.best_model_path:
+        if checkpoint.monitor and checkpoint.best_model_path:
             best = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)
             module.load_state_dict(best["state_dict"])
             summary["monitor"] = cfg.monitor

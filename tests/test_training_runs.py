@@ -149,10 +149,13 @@ class _Scripted(L.LightningModule):
         self.script, self.name = script, name
 
     def training_step(self, batch, batch_idx):
+        if self.name.startswith("train/"):
+            self.log(self.name, self.script[self.current_epoch], on_step=False, on_epoch=True, batch_size=1)
         return (self.weight - 1).pow(2).sum()
 
     def validation_step(self, batch, batch_idx):
-        self.log(self.name, self.script[self.current_epoch], on_epoch=True, batch_size=1)
+        if self.name.startswith("val/"):
+            self.log(self.name, self.script[self.current_epoch], on_epoch=True, batch_size=1)
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)
@@ -164,6 +167,7 @@ class _Scripted(L.LightningModule):
         ("val/iou_macro", [0.1, 0.3, 0.35, 0.34, 0.35, 0.2, 0.9, 0.9], 3, 6),  # best at epoch 3; 3 without gain
         ("val/loss", [0.9, 0.5, 0.6, 0.7, 0.4, 0.3, 0.3, 0.3], 2, 4),  # a loss improves downwards
         ("val/iou_macro", [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8], 2, 8),  # always improving: all 8 epochs
+        ("train/loss", [0.9, 0.8, 0.85, 0.9, 0.95, 0.5, 0.4, 0.3], 3, 5),  # logged after validation
     ],
 )
 def test_early_stopping_stops_at_the_expected_epoch(tmp_path, monitor, script, patience, stops_after):
