@@ -62,7 +62,7 @@ def resumable(path: Path) -> tuple[Path, int] | None:
     if not last.is_file():
         return None
     try:
-        state = torch.load(last, map_location="cpu", weights_only=True)
+        state = torch.load(last, map_location="cpu", weights_only=True, mmap=True)  # reads the epoch, not the tensors
         return last, int(state["epoch"]) + 1
     except Exception as error:
         log.warning("checkpoint %s cannot be read (%s); training starts from epoch 1", last, error)
