@@ -75,10 +75,19 @@ class Predictor:
         self.tile_size, self.overlap, self.batch_size = tile_size, min(overlap, tile_size - 1), batch_size
         self._mean = np.asarray(card.mean, dtype=np.float32) * 255
         self._std = np.asarray(card.std, dtype=np.float32) * 255
+        self._pixel = None
+        if card.pixel_transforms:  # augment.eval, as validation saw it (albumentations only when used)
+            import albumentations as A
+
+            from tasks import _recipes
+
+            self._pixel = A.Compose(_recipes.build(card.pixel_transforms, None), seed=0)
 
     def prepare(self, image: np.ndarray) -> np.ndarray:
         """Model input for one image: (C, H', W') float32, padded bottom/right to the model's stride."""
         image = to_channels(image, self.card.in_channels)
+        if self._pixel is not None:
+            image = self._pixel(image=image)["image"].reshape(image.shape)
         h, w = image.shape[:2]
         d = self.card.pad_divisor
         padded = np.zeros((-(-h // d) * d, -(-w // d) * d, image.shape[2]), dtype=np.uint8)

@@ -49,6 +49,8 @@ class ModelCard(BaseModel):
     #: Images are uint8 with ``in_channels`` channels, scaled to 0-1, then normalised with mean/std (per channel).
     mean: list[float]
     std: list[float]
+    #: augment.eval: pixel-level albumentations transforms (recipe steps) applied before normalisation.
+    pixel_transforms: list[dict] = []
     #: Height and width must divide by this; pad (bottom/right) first, crop predictions back.
     pad_divisor: int
     #: The square crop size training saw.

@@ -20,8 +20,8 @@ import albumentations as A
 import cv2
 import numpy as np
 
-from tasks import _viz
-from tasks._common import atomic_path, read_image, read_mask, stage_main, write_png
+from tasks import _recipes, _viz
+from tasks._common import SegflowError, atomic_path, read_image, read_mask, stage_main, write_png
 from tasks._files import (
     AUGMENT_PREVIEW,
     EVAL_PIPELINE,
@@ -37,47 +37,39 @@ log = logging.getLogger(__name__)
 
 
 def build_train_transform(params: AugmentParams, seed: int, channels: int = 3) -> A.Compose:
-    """Random crops, flips, small affine warps, elastic/grid distortion, photometric jitter, then normalisation.
+    """The training recipe (``augment.preset`` + ``overrides`` + ``train``) followed by normalisation.
 
-    Geometric transforms move image and mask together; anything they pad is
-    labelled ``IGNORE_INDEX`` so it counts towards no class.
+    The recipe's ``crop`` step pads to ``crop_size`` and crops; geometric transforms
+    move image and mask together (masks nearest-neighbour) and label the pixels they
+    invent ``IGNORE_INDEX``, so they count towards no class.
 
     Args:
         channels: the images' channel count (1 or 3), for the normalisation.
+
+    Raises:
+        SegflowError: a transform refuses its arguments (names it and the problem).
     """
-    size = params.crop_size
     mean, std = params.normalize.for_channels(channels)
-    pad = {"border_mode": cv2.BORDER_CONSTANT, "fill": 0, "fill_mask": IGNORE_INDEX}
-    return A.Compose(
-        [
-            A.PadIfNeeded(min_height=size, min_width=size, **pad),
-            A.RandomCrop(height=size, width=size),
-            A.HorizontalFlip(p=params.hflip),
-            A.VerticalFlip(p=params.vflip),
-            A.RandomRotate90(p=params.rotate90),
-            A.Affine(scale=(0.85, 1.15), rotate=(-20, 20), translate_percent=(-0.05, 0.05), p=params.affine, **pad),
-            A.ElasticTransform(alpha=30, sigma=6, p=params.elastic, **pad),
-            A.GridDistortion(num_steps=5, distort_limit=0.25, p=params.grid_distortion, **pad),
-            A.RandomBrightnessContrast(
-                brightness_limit=params.brightness_limit,
-                contrast_limit=params.contrast_limit,
-                p=params.brightness_contrast,
-            ),
-            A.GaussNoise(std_range=(0.02, 0.06), p=params.gauss_noise),
-            A.Normalize(mean=mean, std=std),
-        ],
-        seed=seed,
-    )
+    try:
+        steps = _recipes.build(_recipes.with_crop(params.train_recipe()), params.crop_size)
+    except ValueError as error:
+        raise SegflowError(f"params.yaml: augment (preset {params.preset}): {error}") from None
+    return A.Compose([*steps, A.Normalize(mean=mean, std=std)], seed=seed)
 
 
 def build_eval_transform(params: AugmentParams, channels: int = 3) -> A.Compose:
-    """Deterministic: pad bottom/right to a multiple of the model stride, normalise.
+    """Deterministic: ``augment.eval``'s pixel-level transforms, padding bottom/right to the stride, normalisation.
 
     Padding sits at the bottom-right so predictions crop back with ``[:H, :W]``.
     """
     mean, std = params.normalize.for_channels(channels)
+    try:
+        pixel = _recipes.build(params.eval, None)
+    except ValueError as error:
+        raise SegflowError(f"params.yaml: augment.eval: {error}") from None
     return A.Compose(
         [
+            *pixel,
             A.PadIfNeeded(
                 min_height=None,
                 min_width=None,
@@ -89,7 +81,8 @@ def build_eval_transform(params: AugmentParams, channels: int = 3) -> A.Compose:
                 fill_mask=IGNORE_INDEX,
             ),
             A.Normalize(mean=mean, std=std),
-        ]
+        ],
+        seed=0,  # any random pixel transform in augment.eval is the same on every run
     )
 
 

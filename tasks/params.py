@@ -12,7 +12,7 @@ import os
 import re
 import warnings
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -28,6 +28,7 @@ from pydantic import (
     model_validator,
 )
 
+from tasks import _recipes
 from tasks._common import SegflowError
 
 PARAMS_FILE = Path("params.yaml")
@@ -240,26 +241,77 @@ class NormalizeParams(_Section):
         return tuple(self.mean), tuple(self.std)
 
 
+#: The augment keys of segflow before recipes, and what replaced each (a one-line hint, not a crash).
+_OLD_AUGMENT_KEYS = {
+    "hflip": "HorizontalFlip",
+    "vflip": "VerticalFlip",
+    "rotate90": "RandomRotate90",
+    "affine": "Affine",
+    "brightness_contrast": "RandomBrightnessContrast",
+    "brightness_limit": "RandomBrightnessContrast",
+    "contrast_limit": "RandomBrightnessContrast",
+    "gauss_noise": "GaussNoise",
+    "elastic": "ElasticTransform",
+    "grid_distortion": "GridDistortion",
+}
+
+
 class AugmentParams(_Section):
+    """The training and evaluation pipelines (albumentations), as recipes: see tasks/_recipes.py."""
+
+    #: The training recipe to start from: none | light | default | strong | microscopy | street.
+    preset: Literal["none", "light", "default", "strong", "microscopy", "street"] = "default"
+    #: Changes to the preset's transforms by name: {Affine: {p: 0.5}}; null removes one: {GaussNoise: null}.
+    overrides: dict[str, dict[str, Any] | None] = {}
+    #: Transforms appended to the preset's: [{name: CLAHE, p: 0.3}, ...] (any albumentations 2-D transform).
+    train: list[dict[str, Any]] = []
+    #: Pixel-level transforms applied before normalisation at validation, evaluation and prediction.
+    eval: list[dict[str, Any]] = []
     #: Training crop (pixels, square); images are padded first when smaller.
     crop_size: int = Field(96, ge=16)
     #: Eval images are padded so height and width divide by this (the model's stride).
     pad_divisor: int = Field(32, ge=1)
-    hflip: float = Field(0.5, ge=0.0, le=1.0)
-    vflip: float = Field(0.5, ge=0.0, le=1.0)
-    rotate90: float = Field(0.5, ge=0.0, le=1.0)
-    #: Probability of a small random scale/rotate/shift.
-    affine: float = Field(0.3, ge=0.0, le=1.0)
-    brightness_contrast: float = Field(0.5, ge=0.0, le=1.0)
-    brightness_limit: float = Field(0.2, ge=0.0, le=1.0)
-    contrast_limit: float = Field(0.2, ge=0.0, le=1.0)
-    gauss_noise: float = Field(0.2, ge=0.0, le=1.0)
-    #: Probability of an elastic deformation (smooth random displacement field; suits EM and cell images).
-    elastic: float = Field(0.0, ge=0.0, le=1.0)
-    #: Probability of a grid distortion (each grid cell stretched or squeezed).
-    grid_distortion: float = Field(0.0, ge=0.0, le=1.0)
     normalize: NormalizeParams = NormalizeParams()
     preview_samples: int = Field(6, ge=1, le=64)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_keys(cls, data: Any) -> Any:
+        old = [key for key in (data if isinstance(data, dict) else ()) if key in _OLD_AUGMENT_KEYS]
+        if old:
+            key = old[0]
+            raise ValueError(
+                f"augment.{key} was replaced by recipes: choose augment.preset (default holds the old pipeline) "
+                f"and change a transform with augment.overrides, e.g. {{{_OLD_AUGMENT_KEYS[key]}: {{p: 0.5}}}} "
+                "(README, Augmentation)"
+            )
+        return data
+
+    @field_validator("train", "eval", mode="before")
+    @classmethod
+    def _names_alone(cls, value: Any) -> Any:
+        # `- CLAHE` is short for `- {name: CLAHE}` (the transform with its default arguments).
+        return [{"name": v} if isinstance(v, str) else v for v in value] if isinstance(value, list) else value
+
+    @model_validator(mode="after")
+    def _recipes(self) -> AugmentParams:
+        for i, step in enumerate(self.train):
+            _recipes.check_step(step, f"augment.train[{i}]")
+        for i, step in enumerate(self.eval):
+            _recipes.check_step(step, f"augment.eval[{i}]", pixel_only=True)
+        steps = self.train_recipe()  # overrides that name nothing in the preset fail here
+        for name, change in self.overrides.items():
+            if change is not None:
+                holder, index = _recipes._find(steps, name)[0]
+                _recipes.check_step(holder[index], f"augment.overrides.{name}")
+        return self
+
+    def train_recipe(self) -> list[dict[str, Any]]:
+        """The training transforms: the preset, overridden, with ``train`` appended (before normalisation)."""
+        try:
+            return _recipes.resolve(self.preset, self.overrides, self.train)
+        except ValueError as error:
+            raise ValueError(f"augment.{error}") from None
 
 
 class TrainParams(_Section):
@@ -514,7 +566,9 @@ def _describe(error: ValidationError, source: Path) -> str:
         value = item.get("input")
         # Cross-key checks see a whole section as their input: their message names the keys.
         got = "" if isinstance(value, dict) or item["type"] == "value_error" else f" (got {value!r})"
-        lines.append(f"{source}: {key + ': ' if key else ''}{message}{got}")
+        # A message that already names its key (recipe checks: augment.train[2]: ...) is not prefixed again.
+        prefix = f"{key}: " if key and not message.startswith(key) else ""
+        lines.append(f"{source}: {prefix}{message}{got}")
     return "; ".join(lines)
 
 

@@ -598,6 +598,7 @@ def run(params: Params, paths: Paths, checkpoint_root: Path | None = None) -> di
             classes=params.classes,
             mean=list(mean),
             std=list(std),
+            pixel_transforms=list(params.augment.eval),
             pad_divisor=params.augment.pad_divisor,
             train_size=params.augment.crop_size,
             training=summary,

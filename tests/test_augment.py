@@ -15,12 +15,14 @@ from tasks.params import IGNORE_INDEX, AugmentParams
 # Geometry always on, colour never, identity normalisation: pixel values stay readable.
 GEOMETRY_ONLY = AugmentParams(
     crop_size=40,
-    hflip=1.0,
-    vflip=1.0,
-    rotate90=1.0,
-    affine=1.0,
-    brightness_contrast=0.0,
-    gauss_noise=0.0,
+    overrides={
+        "HorizontalFlip": {"p": 1.0},
+        "VerticalFlip": {"p": 1.0},
+        "RandomRotate90": {"p": 1.0},
+        "Affine": {"p": 1.0},
+        "RandomBrightnessContrast": None,
+        "GaussNoise": None,
+    },
     normalize={"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)},
 )
 
@@ -52,7 +54,7 @@ def test_masks_stay_aligned_through_every_geometric_transform():
 
 def test_padding_is_ignored_not_background():
     small = np.full((20, 20, 3), 200, dtype=np.uint8), np.ones((20, 20), dtype=np.uint8)
-    out = augment.build_train_transform(GEOMETRY_ONLY.model_copy(update={"affine": 0.0}), seed=1)(
+    out = augment.build_train_transform(GEOMETRY_ONLY.model_copy(update={"overrides": {"Affine": None}}), seed=1)(
         image=small[0], mask=small[1]
     )
     assert set(np.unique(out["mask"])) == {1, IGNORE_INDEX}

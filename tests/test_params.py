@@ -132,14 +132,14 @@ def test_a_ready_configuration_is_applied_keeping_comments_and_refused_whole_whe
     shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
     original = (tmp_path / "params.yaml").read_text()
     config = tmp_path / "em.yaml"
-    config.write_text("classes: [bg, disc, square, triangle]\naugment: {elastic: 0.5}\ntrain: {epochs: 20, lr: 0.01}\n")
+    config.write_text("classes: [bg, disc, square, triangle]\naugment: {preset: microscopy}\ntrain: {epochs: 20, lr: 0.01}\n")
     changed = apply(tmp_path, config)
-    assert changed == ["classes", "augment.elastic", "train.lr"]  # epochs was already 20
+    assert changed == ["classes", "augment.preset", "train.lr"]  # epochs was already 20
     text = (tmp_path / "params.yaml").read_text()
     assert "classes: [bg, disc, square, triangle]" in text
     assert "# Every hyperparameter of the pipeline." in text and "# nightly at 02:00" in text  # comments kept
     params = load_params(tmp_path / "params.yaml")
-    assert params.augment.elastic == 0.5 and params.train.lr == 0.01 and params.train.epochs == 20
+    assert params.augment.preset == "microscopy" and params.train.lr == 0.01 and params.train.epochs == 20
     assert len(text.splitlines()) == len(original.splitlines())
     assert apply(tmp_path, config) == []  # applying twice changes nothing
 
