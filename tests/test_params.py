@@ -132,7 +132,9 @@ def test_a_ready_configuration_is_applied_keeping_comments_and_refused_whole_whe
     shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
     original = (tmp_path / "params.yaml").read_text()
     config = tmp_path / "em.yaml"
-    config.write_text("classes: [bg, disc, square, triangle]\naugment: {preset: microscopy}\ntrain: {epochs: 20, lr: 0.01}\n")
+    config.write_text(
+        "classes: [bg, disc, square, triangle]\naugment: {preset: microscopy}\ntrain: {epochs: 20, lr: 0.01}\n"
+    )
     changed = apply(tmp_path, config)
     assert changed == ["classes", "augment.preset", "train.lr"]  # epochs was already 20
     text = (tmp_path / "params.yaml").read_text()
