@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import copy
-import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -14,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from flows._env import stage_env
+from flows._env import machine, stage_env  # noqa: F401 (benchmarks take machine() from here)
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -78,22 +76,3 @@ def median_time(cmd: list[str], cwd: Path, repeats: int, environ: dict[str, str]
         seconds, output = timed(cmd, cwd, environ)
         times.append(seconds)
     return statistics.median(times), output
-
-
-def machine() -> str:
-    """One line on where the figures were taken."""
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (
-        f"{os.cpu_count()} CPU cores ({cpu}), {gpu}; Python {platform.python_version()}, "
-        f"torch {torch.__version__}, {platform.system()} {platform.release()}"
-    )

@@ -210,6 +210,20 @@ def main(argv: list[str] | None = None) -> int:
     predict_parser.add_argument("--overlay", action="store_true", help="also write <stem>_overlay.png")
     predict_parser.add_argument("--backend", choices=["torch", "onnx"], default="torch")
     predict_parser.add_argument("--device", default=None, help="torch device (default: CUDA when there is one)")
+    compare_parser = commands.add_parser(
+        "compare", help="queue one DVC experiment per arch/encoder/loss, run them, write docs/compare/<dataset>.md"
+    )
+    compare_parser.add_argument("--archs", required=True, help="comma-separated, e.g. Unet,FCN,SegNet,DeepLabV3Plus")
+    compare_parser.add_argument("--encoders", default=None, help="comma-separated (default: train.encoder)")
+    compare_parser.add_argument("--losses", default=None, help="comma-separated (default: train.loss)")
+    compare_parser.add_argument(
+        "--set", action="append", default=[], dest="sets", metavar="KEY=VALUE", help="params for every run"
+    )
+    compare_parser.add_argument("--dataset", default=None, help="table name (default: from ingest)")
+    compare_parser.add_argument("--jobs", type=int, default=1, help="experiments at a time (1 keeps timings fair)")
+    compare_parser.add_argument("--queue-only", action="store_true", help="queue; run later with dvc queue start")
+    compare_parser.add_argument("--table-only", action="store_true", help="tabulate experiments already run")
+    compare_parser.add_argument("--out", type=Path, default=Path("docs/compare"), help="table folder")
     args = parser.parse_args(argv)
 
     root = args.root.resolve()
@@ -234,6 +248,8 @@ def _dispatch(args: argparse.Namespace, root: Path) -> int:
 
         print("\n".join(stage_order(root)))
         return 0
+    if args.command == "compare":
+        return _compare(root, args)
     if args.command == "params":
         from flows._config import apply
 
@@ -271,6 +287,36 @@ def _dispatch(args: argparse.Namespace, root: Path) -> int:
     if args.command == "predict":
         return _predict(root, args)
     return run(root, args.force, args.stages, args.retries, args.debug, args.register)
+
+
+def _compare(root: Path, args: argparse.Namespace) -> int:
+    from flows.compare import compare
+    from tasks.params import load_params
+
+    train = load_params(root / "params.yaml").train
+    split = lambda text, default: [v.strip() for v in (text or default).split(",") if v.strip()]  # noqa: E731
+    command = " ".join(
+        ["segflow compare", f"--archs {args.archs}"]
+        + [f"--{k} {v}" for k, v in (("encoders", args.encoders), ("losses", args.losses)) if v]
+        + [f"--set {s}" for s in args.sets]
+        + ([f"--dataset {args.dataset}"] if args.dataset else [])
+    )
+    md, csv, rows = compare(
+        root,
+        split(args.archs, ""),
+        split(args.encoders, train.encoder),
+        split(args.losses, train.loss),
+        args.sets,
+        dataset=args.dataset,
+        jobs=args.jobs,
+        run=not args.queue_only,
+        queue_experiments=not args.table_only,
+        out=args.out,
+        command=command,
+    )
+    done = sum(r.get("status") == "done" for r in rows)
+    print(f"segflow: {done} of {len(rows)} experiments in {md.relative_to(root)} and {csv.relative_to(root)}")
+    return 0 if done == len(rows) or args.queue_only else 1
 
 
 def _models(root: Path, name: str | None) -> int:

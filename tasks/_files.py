@@ -28,6 +28,7 @@ MODEL_DIR = "model"
 LIVE_DIR = "live"
 # ${paths.evaluate}/
 METRICS = "metrics.json"
+SPEED = "speed.json"
 PER_CLASS = "per_class.csv"
 PER_IMAGE = "per_image.csv"
 PREDICTIONS = "predictions.png"

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from tasks import _export
+from tasks import _archs, _export
 from tasks._common import SegflowError, atomic_dir, sha256_file
 from tasks.params import IGNORE_INDEX, Arch, TrainParams
 
@@ -93,13 +93,34 @@ def create(
     Returns:
         torch.nn.Module mapping (N, in_channels, H, W) float32 to logits (N, num_classes, H, W).
     """
+    if arch in _archs.EXTRA_ARCHS:  # FCN and SegNet: our own modules, same factory, card, save and load
+        if decoder_channels is not None:
+            raise SegflowError(f"train.decoder_channels: arch {arch} has no such option; set it to null")
+        if hub_weights is not None:
+            raise _weights_error(hub_weights)
+        return _archs.build(arch, encoder, encoder_depth, num_classes, in_channels)
     kwargs = {"encoder_depth": encoder_depth, "in_channels": in_channels}
+    accepted = inspect.signature(smp.MODEL_ARCHITECTURES_MAPPING[arch.lower()].__init__).parameters
+    per_stage = "decoder_channels" in accepted and accepted["decoder_channels"].annotation not in (int, "int")
+    if decoder_channels is None and per_stage:
+        # smp's default widths are for depth 5 and fail at any other: keep the first (deepest) encoder_depth.
+        kwargs["decoder_channels"] = list(accepted["decoder_channels"].default)[:encoder_depth]
     if decoder_channels is not None:
         # Several archs take **kwargs and would silently ignore an option they do not have.
-        accepted = inspect.signature(smp.MODEL_ARCHITECTURES_MAPPING[arch.lower()].__init__).parameters
         if "decoder_channels" not in accepted:
             raise SegflowError(f"train.decoder_channels: arch {arch} has no such option; set it to null")
+        if not per_stage:
+            raise SegflowError(
+                f"train.decoder_channels: arch {arch} takes one decoder width, not one per stage; set it to null "
+                "(smp's default)"
+            )
         kwargs["decoder_channels"] = decoder_channels
+    # smp's PSPNet and FPN upsample their decoder output by a fixed factor that only fits their default depth
+    # (3 and 5): at any other depth the logits would be smaller or larger than the image.
+    if arch.lower() == "pspnet":
+        kwargs["upsampling"] = 2**encoder_depth
+    elif arch.lower() == "fpn":
+        kwargs["upsampling"] = 2 ** (encoder_depth - 3)
     try:
         return smp.create_model(arch, encoder_name=encoder, encoder_weights=hub_weights, classes=num_classes, **kwargs)
     except KeyError as error:
@@ -130,7 +151,7 @@ def create(
         raise _weights_error(hub_weights) from None
 
 
-def load_encoder_weights(model: torch.nn.Module, source: str) -> None:
+def load_encoder_weights(model: torch.nn.Module, source: str, arch: str = "") -> None:
     """Load local pretrained weights into ``model.encoder`` (or the whole model).
 
     Accepts a safetensors file or a ``torch.save`` state dict (read with
@@ -151,7 +172,9 @@ def load_encoder_weights(model: torch.nn.Module, source: str) -> None:
         raise SegflowError(f"{path}: cannot read weights ({error}); give a .safetensors or .pth state dict") from None
     if not isinstance(state, dict):
         raise SegflowError(f"{path}: holds a {type(state).__name__}, not a state dict of tensors")
-    if any(k.startswith("encoder.") for k in state):
+    if arch in _archs.EXTRA_ARCHS:  # torchvision checkpoints (fcn_resnet*, resnet*, vgg*_bn) map onto the encoder
+        state = _archs.adapt_state_dict(arch, state)
+    elif any(k.startswith("encoder.") for k in state):
         state = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
     own = model.encoder.state_dict()
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
@@ -200,7 +223,7 @@ def build(params: TrainParams, num_classes: int, in_channels: int = 3) -> torch.
         in_channels=in_channels,
     )
     if local:
-        load_encoder_weights(model, weights)
+        load_encoder_weights(model, weights, params.arch)
     return model
 
 
@@ -286,3 +309,30 @@ def load(model_dir: Path) -> tuple[torch.nn.Module, ModelCard]:
         detail = " ".join(str(error).split())[:300]
         raise SegflowError(f"{weights}: does not match {Path(model_dir) / CARD} ({detail}); retrain") from None
     return model.eval(), card
+
+
+def size(model: torch.nn.Module, channels: int, size: int) -> dict[str, float]:
+    """Parameter count and multiply-accumulates of one forward pass on a ``size`` x ``size`` image.
+
+    MACs are counted by ``torch.utils.flop_counter`` (convolutions and matrix products; one MAC is two
+    FLOPs); pooling, normalisation and activations are not in it.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), counter:
+        model(torch.zeros(1, channels, size, size, device=device_of(model)))
+    model.train(was_training)
+    return {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "gmacs": round(counter.get_total_flops() / 2e9, 4),
+        "macs_size": size,
+    }
+
+
+def device_of(model: torch.nn.Module) -> torch.device:
+    """Where the model's weights are (the CPU for a model without any)."""
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")

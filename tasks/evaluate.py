@@ -7,7 +7,9 @@ every test image at full size and writes ``${paths.evaluate}/``:
   (see :mod:`tasks._metrics`), for ``dvc metrics show`` / ``diff``;
 - ``per_class.csv``: the same per-class numbers as a table (a bar plot);
 - ``per_image.csv``: each test image's own IoU per class, worst first;
-- ``predictions.png``: test images with truth, prediction and errors.
+- ``predictions.png``: test images with truth, prediction and errors;
+- ``speed.json``: parameters, multiply-accumulates at the training size and
+  inference images/s (timings: they change from run to run, the scores do not).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ if __name__ == "__main__":
 
 import json
 import logging
+import time
 
 import numpy as np
 import pandas as pd
@@ -33,6 +36,7 @@ from tasks._files import (
     PER_CLASS,
     PER_IMAGE,
     PREDICTIONS,
+    SPEED,
     read_manifest,
     split_rows,
 )
@@ -41,14 +45,38 @@ from tasks.params import IGNORE_INDEX, Params, Paths
 log = logging.getLogger(__name__)
 
 
-def predict(predictor: _infer.Predictor, dataset: SegmentationDataset):
+def predict(predictor: _infer.Predictor, dataset: SegmentationDataset, seconds: list[float] | None = None):
     """Yield ``(dataset index, prediction)`` per image, the prediction (H, W) int64 class ids at full size.
 
     The same inference as ``segflow predict``: whole images, or tiles above ``predict.tile_size``.
+
+    Args:
+        seconds: if given, each image's inference time (decoded image in, class ids out) is appended.
     """
     for index in range(len(dataset)):
         image, _ = dataset.load(index)
-        yield index, torch.from_numpy(predictor.predict(image).astype(np.int64))
+        started = time.perf_counter()
+        pred = predictor.predict(image)
+        if seconds is not None:
+            seconds.append(time.perf_counter() - started)
+        yield index, torch.from_numpy(pred.astype(np.int64))
+
+
+def speed(seconds: list[float], model: torch.nn.Module, card: _model.ModelCard) -> dict:
+    """What the model costs: size, multiply-accumulates at the training size, and inference images/s.
+
+    The first image is left out of the rate when there are others (one-off warm-up of the kernels).
+    """
+    timed = seconds[1:] or seconds
+    return {
+        "model": _model.size(model, card.in_channels, card.train_size),
+        "inference": {
+            "images_per_s": round(len(timed) / sum(timed), 3) if timed and sum(timed) else None,
+            "images": len(seconds),
+            "device": _model.device_of(model).type,
+            "threads": torch.get_num_threads(),
+        },
+    }
 
 
 def score(
@@ -114,7 +142,8 @@ def run(params: Params, paths: Paths) -> dict:
         _infer.torch_forward(model), card, settings.tile_size, settings.overlap, settings.batch_size
     )
     preview = params.evaluate.preview_samples
-    summary, per_image, kept = score(dataset, predict(predictor, dataset), card.classes, keep=preview)
+    seconds: list[float] = []
+    summary, per_image, kept = score(dataset, predict(predictor, dataset, seconds), card.classes, keep=preview)
     metrics = {"split": "test", "images": len(rows), "reduction": _metrics.REDUCTION, **summary}
 
     paths.evaluate.mkdir(parents=True, exist_ok=True)
@@ -130,6 +159,8 @@ def run(params: Params, paths: Paths) -> dict:
             table.to_csv(tmp, index=False, float_format="%.6f")
     with atomic_path(paths.evaluate / PREDICTIONS) as tmp:
         write_png(tmp, render_predictions(dataset, kept, card.classes))
+    # Timings change from run to run, so they are kept apart from the scores (metrics.json stays reproducible).
+    write_text(paths.evaluate / SPEED, json.dumps(speed(seconds, model, card), indent=2) + "\n")
     # Last, so a metrics.json never sits beside tables from an older run.
     write_text(paths.evaluate / METRICS, json.dumps(metrics, indent=2) + "\n")
     log.info(

@@ -34,7 +34,8 @@ from tasks._common import SegflowError
 PARAMS_FILE = Path("params.yaml")
 
 # The architectures of segmentation-models-pytorch 0.6 (smp.create_model's
-# `arch`); a unit test keeps this list equal to smp's own mapping.
+# `arch`; a unit test keeps them equal to smp's own mapping), then FCN and
+# SegNet, which smp lacks (tasks/_archs.py).
 Arch = Literal[
     "Unet",
     "UnetPlusPlus",
@@ -48,6 +49,8 @@ Arch = Literal[
     "UPerNet",
     "Segformer",
     "DPT",
+    "FCN",
+    "SegNet",
 ]
 Loss = Literal["ce", "dice", "focal", "lovasz", "dice_ce", "focal_dice"]
 Precision = Literal["auto", "32", "16-mixed", "bf16-mixed"]
@@ -315,6 +318,8 @@ class AugmentParams(_Section):
 
 
 class TrainParams(_Section):
+    #: Any smp architecture, or FCN (torchvision's heads; encoder resnet50/resnet101) or SegNet (encoder
+    #: vgg16_bn/vgg13_bn/vgg11_bn; max-unpooling with the encoder's indices).
     arch: Arch = "Unet"
     encoder: str = "resnet18"
     encoder_depth: int = Field(5, ge=3, le=5)

@@ -556,6 +556,7 @@ def run(params: Params, paths: Paths, checkpoint_root: Path | None = None) -> di
         resume = _checkpoints.resumable(folder) if persistent else None
         if resume and trainer.is_global_zero:
             log.info("resuming from epoch %d of %d (checkpoint %s)", resume[1] + 1, cfg.epochs, resume[0])
+        fit_started = time.perf_counter()
         trainer.fit(
             module,
             train_dataloaders=_loader(train_set, cfg, params.seed, workers, True, rank, world),
@@ -563,6 +564,7 @@ def run(params: Params, paths: Paths, checkpoint_root: Path | None = None) -> di
             ckpt_path=resume[0] if resume else None,
             weights_only=True,  # tensors and plain values only: loading a checkpoint runs no pickled code
         )
+        fit_seconds = time.perf_counter() - fit_started
         summary = {
             "seed": params.seed,
             "epochs": trainer.current_epoch,
@@ -588,6 +590,12 @@ def run(params: Params, paths: Paths, checkpoint_root: Path | None = None) -> di
         # A plain copy of the trained weights: no compile wrapper, default memory format, whatever the run used.
         plain = _model.build(cfg, num_classes, channels)
         plain.load_state_dict(module.model.state_dict())
+        summary.update(_model.size(plain, channels, params.augment.crop_size))
+        if live is not None:
+            # Wall time of this process's fit (a resumed run counts only the epochs it ran): for comparisons.
+            live.summary.setdefault("perf", {})["fit_s"] = round(fit_seconds, 2)
+            live.summary["model"] = {k: summary[k] for k in ("parameters", "gmacs")}
+            live.make_summary()
         # Only the augment keys dvc.yaml lists for this stage (the contract test checks).
         card = _model.ModelCard(
             arch=cfg.arch,

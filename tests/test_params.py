@@ -92,7 +92,9 @@ def test_encoder_weights_null_spellings_mean_random_init():
 
 def test_arch_choices_match_smp():
     # If smp adds or renames an architecture, the Literal must follow.
-    assert {a.lower() for a in Arch.__args__} == set(smp.MODEL_ARCHITECTURES_MAPPING)
+    from tasks._archs import EXTRA_ARCHS
+
+    assert {a.lower() for a in Arch.__args__} == set(smp.MODEL_ARCHITECTURES_MAPPING) | {a.lower() for a in EXTRA_ARCHS}
 
 
 def test_synthetic_class_limit_matches_the_generator():
