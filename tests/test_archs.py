@@ -257,3 +257,30 @@ def test_segnet_exports_to_onnx_with_the_same_logits(tmp_path):
         expected = model(images)
     got = torch.from_numpy(session.run(None, {"image": images.numpy()})[0])
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(("arch", "encoder"), [("SegNet", "vgg11_bn"), ("FCN", "resnet50")])
+def test_the_factory_card_save_load_and_predict_path_takes_both(arch, encoder, tmp_path):
+    """Through segflow's own path: params -> factory -> safetensors + card -> load (no pickle) -> Predictor."""
+    import numpy as np
+    from tasks import _infer, _model
+    from tasks.params import TrainParams
+
+    cfg = TrainParams(arch=arch, encoder=encoder, encoder_depth=3)
+    model = _model.build(cfg, num_classes=3, in_channels=1)
+    card = _model.ModelCard(
+        arch=arch, encoder=encoder, encoder_depth=3, in_channels=1, classes=["a", "b", "c"],
+        mean=[0.5], std=[0.25], pad_divisor=8, train_size=32,
+    )  # fmt: skip
+    preprocess = tmp_path / "eval.json"
+    preprocess.write_text("{}")
+    _model.save(model, card, preprocess, tmp_path / "model")
+    assert any(key.startswith("encoder.") for key in load_file(tmp_path / "model" / "model.safetensors"))
+    loaded, loaded_card = _model.load(tmp_path / "model")
+    assert type(loaded).__name__ == arch and loaded_card.arch == arch
+    image = np.random.default_rng(0).integers(0, 255, (37, 45), dtype=np.uint8)
+    predictor = _infer.Predictor(_infer.torch_forward(loaded, "cpu"), loaded_card, tile_size=64, overlap=16)
+    expected = _infer.Predictor(_infer.torch_forward(model.eval(), "cpu"), card, tile_size=64, overlap=16)
+    labels = predictor.predict(image)
+    assert labels.shape == (37, 45) and set(np.unique(labels)) <= {0, 1, 2}
+    assert np.array_equal(labels, expected.predict(image))
