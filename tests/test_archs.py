@@ -263,6 +263,7 @@ def test_segnet_exports_to_onnx_with_the_same_logits(tmp_path):
 def test_the_factory_card_save_load_and_predict_path_takes_both(arch, encoder, tmp_path):
     """Through segflow's own path: params -> factory -> safetensors + card -> load (no pickle) -> Predictor."""
     import numpy as np
+
     from tasks import _infer, _model
     from tasks.params import TrainParams
 
