@@ -53,6 +53,8 @@ def test_adding_an_image_reruns_ingest_and_every_later_stage(project):
     assert _ran(_dvc(project, "repro").stdout) == []
 
 
+# Slow (about 40 s): adding an image already proves a data change reruns every stage; make test-all runs it.
+@pytest.mark.slow
 def test_removing_an_image_reruns_the_pipeline(project):
     (project / "data/raw/cells/images/img_003.png").unlink()
     (project / "data/raw/cells/masks/img_003.png").unlink()

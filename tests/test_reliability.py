@@ -263,6 +263,8 @@ def test_after_the_kills_the_next_run_works_at_once(project, prefect_api):
     assert "up to date" in _dvc(project, "status").stdout
 
 
+# Slow (about 50 s; in make reliability and make test-all) to keep the default run near ten minutes.
+@pytest.mark.slow
 def test_two_runs_at_once_the_second_names_the_first(project, prefect_api):
     params = _set(project, LONG)
     try:
