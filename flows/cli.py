@@ -224,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     compare_parser.add_argument("--queue-only", action="store_true", help="queue; run later with dvc queue start")
     compare_parser.add_argument("--table-only", action="store_true", help="tabulate experiments already run")
     compare_parser.add_argument("--out", type=Path, default=Path("docs/compare"), help="table folder")
+    compare_parser.add_argument(
+        "--force", action="store_true", help="rerun every stage, even runs DVC's run cache holds (new timings)"
+    )
     args = parser.parse_args(argv)
 
     root = args.root.resolve()
@@ -313,6 +316,7 @@ def _compare(root: Path, args: argparse.Namespace) -> int:
         queue_experiments=not args.table_only,
         out=args.out,
         command=command,
+        force=args.force,
     )
     done = sum(r.get("status") == "done" for r in rows)
     print(f"segflow: {done} of {len(rows)} experiments in {md.relative_to(root)} and {csv.relative_to(root)}")

@@ -78,12 +78,7 @@ def plan(
 
     data = yaml.safe_load((root / "params.yaml").read_text(encoding="utf-8")) or {}
     base = load_params(root / "params.yaml")
-    extra = []
-    for item in sets:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SegflowError(f"--set {item}: give key=value, e.g. --set train.epochs=10")
-        extra.append((key.strip(), value.strip()))
+    extra = shared_sets(sets)
     ingest_path = Path(base.ingest.path)
     absolute = (root / ingest_path).resolve()
     if base.ingest.source == "folder" and not absolute.is_relative_to(root.resolve()):
@@ -103,13 +98,7 @@ def plan(
             changes.append(("train.decoder_channels", "null"))
         changes += extra
         name = _slug(f"{dataset}-{arch}-{encoder}-{loss}")
-        merged = json.loads(json.dumps(data, default=str))
-        for key, value in changes:
-            *parents, last = key.split(".")
-            node = merged
-            for part in parents:
-                node = node.setdefault(part, {})
-            node[last] = yaml.safe_load(value)
+        merged = _with_sets(data, changes)
         try:
             params = parse_params(merged, f"{name} (params.yaml with {', '.join(f'{k}={v}' for k, v in changes)})")
             _model.build(params.train, len(params.classes), in_channels=3)
@@ -121,6 +110,33 @@ def plan(
     return combos
 
 
+def _with_sets(data: dict, sets) -> dict:
+    """A copy of the params mapping ``data`` with each ``(dotted key, YAML value)`` set, as ``dvc exp run -S``."""
+    merged = json.loads(json.dumps(data, default=str))
+    for key, value in sets:
+        *parents, last = key.split(".")
+        node = merged
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = yaml.safe_load(value)
+    return merged
+
+
+def shared_sets(sets: list[str]) -> list[tuple[str, str]]:
+    """``--set key=value`` items as pairs.
+
+    Raises:
+        SegflowError: an item without ``=``.
+    """
+    pairs = []
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SegflowError(f"--set {item}: give key=value, e.g. --set train.epochs=10")
+        pairs.append((key.strip(), value.strip()))
+    return pairs
+
+
 def _dvc(root: Path, *args: str, check: bool = True, capture: bool = True) -> subprocess.CompletedProcess:
     proc = subprocess.run(["dvc", *args], cwd=root, env=stage_env(), text=True, capture_output=capture)
     if check and proc.returncode != 0:
@@ -129,14 +145,18 @@ def _dvc(root: Path, *args: str, check: bool = True, capture: bool = True) -> su
     return proc
 
 
-def queue(root: Path, combos: list[Combination]) -> None:
-    """Queue one DVC experiment per combination (an earlier experiment of the same name is replaced)."""
+def queue(root: Path, combos: list[Combination], force: bool = False) -> None:
+    """Queue one DVC experiment per combination (an earlier experiment of the same name is replaced).
+
+    Args:
+        force: rerun every stage even where DVC's run cache holds the result (to measure timings again).
+    """
     names = [c.name for c in combos]
     _dvc(root, "exp", "remove", *names, check=False)  # a rerun replaces the earlier results
     _dvc(root, "queue", "remove", *names, check=False)
     for combo in combos:
         args = [arg for key, value in combo.sets for arg in ("-S", f"{key}={value}")]
-        _dvc(root, "exp", "run", "--queue", "--name", combo.name, *args)
+        _dvc(root, "exp", "run", "--queue", *(["--force"] if force else []), "--name", combo.name, *args)
         log.info("queued %s", combo.name)
 
 
@@ -209,13 +229,20 @@ def _fmt(value, digits: int = 3) -> str:
     return str(value)
 
 
-def write_table(root: Path, dataset: str, rows: list[dict], command: str, out: Path) -> tuple[Path, Path]:
-    """``<out>/<dataset>.csv`` (every figure) and ``.md`` (the table, settings and command); atomic."""
+def write_table(
+    root: Path, dataset: str, rows: list[dict], command: str, out: Path, sets: list[str] = ()
+) -> tuple[Path, Path]:
+    """``<out>/<dataset>.csv`` (every figure) and ``.md`` (the table, settings and command); atomic.
+
+    Args:
+        sets: the ``--set key=value`` every experiment ran with (the settings shown include them).
+    """
     import pandas as pd
 
     from tasks._common import write_text
 
-    params = load_params(root / "params.yaml")
+    data = yaml.safe_load((root / "params.yaml").read_text(encoding="utf-8")) or {}
+    params = parse_params(_with_sets(data, shared_sets(list(sets))))
     out = root / out
     out.mkdir(parents=True, exist_ok=True)
     frame = pd.DataFrame(rows)
@@ -254,9 +281,9 @@ def write_table(root: Path, dataset: str, rows: list[dict], command: str, out: P
             command,
             "```",
             "",
-            f"- Data: {dataset}, classes {', '.join(classes)}; test split scored at full size "
-            "(IoU/Dice from pixel counts summed over the split; macro = mean over classes).",
-            f"- Shared settings (params.yaml): epochs {t.epochs}, batch {t.batch_size}, "
+            f"- Data: {dataset} (ingest.source {params.ingest.source}), classes {', '.join(classes)}; the test "
+            "split scored at full size (IoU/Dice from pixel counts summed over the split; macro = mean over classes).",
+            f"- Shared settings (params.yaml with the --set values): epochs {t.epochs}, batch {t.batch_size}, "
             f"crop {params.augment.crop_size}, "
             f"augmentation preset {params.augment.preset}, optimiser {t.optimizer} lr {t.lr} ({t.schedule}), "
             f"encoder depth {t.encoder_depth}, precision {t.precision}, seed {params.seed}, random init.",
@@ -288,14 +315,15 @@ def compare(
     queue_experiments: bool = True,
     out: Path = Path("docs/compare"),
     command: str = "",
+    force: bool = False,
 ) -> tuple[Path, Path, list[dict]]:
     """Plan, queue, run and tabulate; ``run=False`` only queues, ``queue_experiments=False`` only tabulates."""
     dataset = dataset or dataset_name(root)
     combos = plan(root, archs, encoders, losses, sets, dataset)
     if queue_experiments:
-        queue(root, combos)
+        queue(root, combos, force)
     if run and queue_experiments:
         run_queue(root, jobs)
     rows = collect(root, combos)
-    md, csv = write_table(root, dataset, rows, command, out)
+    md, csv = write_table(root, dataset, rows, command, out, sets)
     return md, csv, rows
