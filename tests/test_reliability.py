@@ -282,6 +282,8 @@ def test_two_runs_at_once_the_second_names_the_first(project, prefect_api):
     assert not _wait_until_gone(project)
 
 
+# Slow (about 50 s; in make reliability and make test-all) to keep the default run near ten minutes.
+@pytest.mark.slow
 def test_sigkill_with_the_temporary_server_leaves_no_server_behind(project, monkeypatch, tmp_path):
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "home"))
     params = _set(project, LONG)
