@@ -44,7 +44,13 @@ def test_compare_queues_runs_and_tabulates_two_architectures(tmp_path):
     project = fresh_project(tmp_path / "project", TINY)
     params_before = (project / "params.yaml").read_text()
     md, csv, rows = compare(
-        project, ["Unet", "SegNet"], ["resnet18"], ["dice_ce"], [], command="segflow compare --archs Unet,SegNet"
+        project,
+        ["Unet", "SegNet"],
+        ["resnet18"],
+        ["dice_ce"],
+        [],
+        jobs=2,  # two queue workers: start-ups overlap (this test reads no timings)
+        command="segflow compare --archs Unet,SegNet",
     )
     assert [r["status"] for r in rows] == ["done", "done"], rows
     assert (project / "params.yaml").read_text() == params_before, "experiments run apart from the workspace"

@@ -111,6 +111,8 @@ def test_deploy_creates_one_scheduled_retrain_deployment(project, prefect_api, d
     assert gpu["limit"] == 1
 
 
+# Slow (about 13 s, make test-all): checks the documented CLI workaround, not segflow's own behaviour.
+@pytest.mark.slow
 def test_prefect_cli_listings_work_against_this_server(project, prefect_api, deployment):
     for args in (["deployment", "ls"], ["flow-run", "ls"], ["work-pool", "ls"], ["flow", "ls"], ["artifact", "ls"]):
         proc = subprocess.run(
