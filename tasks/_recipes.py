@@ -257,7 +257,7 @@ def check_step(step: Any, where: str, pixel_only: bool = False) -> None:
         )
 
 
-def _find(steps: list[dict], name: str) -> list[tuple[list[dict], int]]:
+def find_step(steps: list[dict], name: str) -> list[tuple[list[dict], int]]:
     """Where ``name`` sits: (the list holding it, its index), at the top or inside a composition."""
     found = [(steps, i) for i, step in enumerate(steps) if step["name"] == name]
     for step in steps:
@@ -266,7 +266,8 @@ def _find(steps: list[dict], name: str) -> list[tuple[list[dict], int]]:
     return found
 
 
-def _names(steps: list[dict]) -> list[str]:
+def names(steps: list[dict]) -> list[str]:
+    """The albumentations transforms a recipe names, compositions' members included (sorted)."""
     names = {s["name"] for s in steps} | {
         c["name"] for s in steps if s["name"] in COMPOSITIONS for c in s["transforms"]
     }
@@ -285,9 +286,9 @@ def resolve(preset: str, overrides: dict[str, dict | None], extra: list) -> list
     """
     steps = copy.deepcopy(PRESETS[preset])
     for name, change in overrides.items():
-        where = _find(steps, name)
+        where = find_step(steps, name)
         if len(where) != 1:
-            present = _names(steps)
+            present = names(steps)
             problem = "has no" if not where else f"holds {len(where)} of"
             raise ValueError(
                 f"overrides.{name}: preset {preset} {problem} {name}{_closest(name, present)} (it has: "

@@ -305,7 +305,7 @@ class AugmentParams(_Section):
         steps = self.train_recipe()  # overrides that name nothing in the preset fail here
         for name, change in self.overrides.items():
             if change is not None:
-                holder, index = _recipes._find(steps, name)[0]
+                holder, index = _recipes.find_step(steps, name)[0]
                 _recipes.check_step(holder[index], f"augment.overrides.{name}")
         return self
 

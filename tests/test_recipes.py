@@ -31,7 +31,7 @@ def _coded_sample(size: int, channels: int, seed: int) -> tuple[np.ndarray, np.n
 def _geometric_only(preset: str) -> AugmentParams:
     """The preset with its pixel-level transforms removed: the image still spells the mask afterwards."""
     kinds = _recipes.catalogue()
-    pixel = [name for name in _recipes._names(_recipes.PRESETS[preset]) if kinds[name]["kind"] == "pixel"]
+    pixel = [name for name in _recipes.names(_recipes.PRESETS[preset]) if kinds[name]["kind"] == "pixel"]
     return AugmentParams(preset=preset, crop_size=CROP, normalize=IDENTITY, overrides=dict.fromkeys(pixel))
 
 
