@@ -31,11 +31,6 @@ from tasks.params import load_params, parse_params
 
 log = logging.getLogger(__name__)
 
-#: Encoders FCN and SegNet are built on (their own backbones, not smp's list).
-OWN_ENCODERS = {"FCN": ("resnet50", "resnet101"), "SegNet": ("vgg16_bn", "vgg13_bn", "vgg11_bn")}
-#: Architectures whose decoder takes one width per encoder stage (train.decoder_channels as a list).
-PER_STAGE_DECODERS = ("Unet", "UnetPlusPlus", "MAnet")
-
 
 @dataclasses.dataclass(frozen=True)
 class Combination:
@@ -74,7 +69,7 @@ def plan(
     Raises:
         SegflowError: a combination whose params or model are invalid, naming it.
     """
-    from tasks import _model
+    from tasks import _archs, _model
 
     data = yaml.safe_load((root / "params.yaml").read_text(encoding="utf-8")) or {}
     base = load_params(root / "params.yaml")
@@ -87,14 +82,14 @@ def plan(
         extra.append(("ingest.path", str(absolute)))
     combos, seen = [], set()
     for arch, encoder, loss in itertools.product(archs, encoders, losses):
-        own = OWN_ENCODERS.get(arch)
+        own = _archs.ENCODERS.get(arch)
         if own and encoder not in own:
             encoder = own[0]
         if (arch, encoder, loss) in seen:
             continue
         seen.add((arch, encoder, loss))
         changes = [("train.arch", arch), ("train.encoder", encoder), ("train.loss", loss)]
-        if arch not in PER_STAGE_DECODERS and base.train.decoder_channels is not None:
+        if base.train.decoder_channels is not None and not _model.takes_stage_widths(arch):
             changes.append(("train.decoder_channels", "null"))
         changes += extra
         name = _slug(f"{dataset}-{arch}-{encoder}-{loss}")

@@ -34,6 +34,8 @@ EXTRA_ARCHS: tuple[str, ...] = ("FCN", "SegNet")
 _FCN_BUILDERS = {"resnet50": segmentation.fcn_resnet50, "resnet101": segmentation.fcn_resnet101}
 #: torchvision's layer configurations for the VGG variants (11, 13 and 16 weight layers).
 _VGG_CONFIGS = {"vgg11_bn": "A", "vgg13_bn": "B", "vgg16_bn": "D"}
+#: The encoders each architecture here is built on, its original first (``segflow compare`` falls back to it).
+ENCODERS: dict[str, tuple[str, ...]] = {"FCN": tuple(_FCN_BUILDERS), "SegNet": tuple(reversed(_VGG_CONFIGS))}
 #: The top-level children of torchvision's ResNet that FCN's backbone keeps (avgpool and fc are cut off).
 _RESNET_ENCODER_ROOTS = frozenset({"conv1", "bn1", "layer1", "layer2", "layer3", "layer4"})
 

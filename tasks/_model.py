@@ -101,7 +101,7 @@ def create(
         return _archs.build(arch, encoder, encoder_depth, num_classes, in_channels)
     kwargs = {"encoder_depth": encoder_depth, "in_channels": in_channels}
     accepted = inspect.signature(smp.MODEL_ARCHITECTURES_MAPPING[arch.lower()].__init__).parameters
-    per_stage = "decoder_channels" in accepted and accepted["decoder_channels"].annotation not in (int, "int")
+    per_stage = takes_stage_widths(arch)
     if decoder_channels is None and per_stage:
         # smp's default widths are for depth 5 and fail at any other: keep the first (deepest) encoder_depth.
         kwargs["decoder_channels"] = list(accepted["decoder_channels"].default)[:encoder_depth]
@@ -149,6 +149,14 @@ def create(
         if hub_weights is None:
             raise
         raise _weights_error(hub_weights) from None
+
+
+def takes_stage_widths(arch: str) -> bool:
+    """Whether ``arch``'s decoder takes ``decoder_channels`` as one width per encoder stage (Unet-like)."""
+    if arch in _archs.EXTRA_ARCHS:
+        return False
+    accepted = inspect.signature(smp.MODEL_ARCHITECTURES_MAPPING[arch.lower()].__init__).parameters
+    return "decoder_channels" in accepted and accepted["decoder_channels"].annotation not in (int, "int")
 
 
 def load_encoder_weights(model: torch.nn.Module, source: str, arch: str = "") -> None:
