@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from flows._env import machine, stage_env  # noqa: F401 (benchmarks take machine() from here)
+from segflow.ops.env import stage_env
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -44,7 +44,8 @@ def fresh_project(dest: Path, params: dict | None = None) -> Path:
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
-    for package in ("tasks", "flows"):  # the stages, and the flow a deployment runs from the project
+    # The library (its files are stage deps in dvc.yaml), the stages, and the flow a deployment runs.
+    for package in ("segflow", "tasks", "flows"):
         shutil.copytree(ROOT / package, dest / package, ignore=shutil.ignore_patterns("__pycache__"))
     (dest / ".dvc").mkdir()
     for name in PROJECT_FILES:

@@ -40,10 +40,10 @@ ROUNDS, WARMUP = 7, 2
 def _build(encoder: str, decoder):
     import torch
 
-    from tasks import _model
+    from segflow.semantic import factory
 
     torch.manual_seed(0)
-    return _model.create("Unet", encoder, 5, list(decoder) if decoder else None, 4).eval()
+    return factory.create("Unet", encoder, 5, list(decoder) if decoder else None, 4).eval()
 
 
 def _label(encoder: str, decoder) -> str:
@@ -53,7 +53,7 @@ def _label(encoder: str, decoder) -> str:
 def run(work: Path) -> str:
     import torch
 
-    from tasks import _model
+    from segflow.semantic import measure
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     rows = []
@@ -81,7 +81,7 @@ def run(work: Path) -> str:
                         if round_ >= WARMUP:
                             times[encoder, size].append(time.perf_counter() - started)
         for encoder, model in models.items():
-            size_info = _model.size(model, 3, 256)
+            size_info = measure.size(model, 3, 256)
             row = {
                 "encoder": encoder,
                 "device": device,

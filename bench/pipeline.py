@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from bench._util import BIN, env, fresh_project, median_time, timed
-from flows.server import local_server
+from segflow.ops.server import local_server
 
 TITLE = "Pipeline: demo run and no-op runs"
 

@@ -4,7 +4,7 @@ Side by side, in one run: the model params.yaml describes (its weights do not
 change the arithmetic, so a seeded random init stands in for a trained one)
 is saved with its ONNX export exactly as the train stage saves it, then loaded
 back through the model card (sha256-checked) and run by the same
-:class:`tasks._infer.Predictor` that ``segflow predict`` and the evaluate stage
+:class:`segflow.semantic.infer.Predictor` that ``segflow predict`` and the evaluate stage
 use: whole 512x512 images (one forward each) and a 2048x2048 image (blended
 tiles of ``predict.tile_size`` with ``predict.overlap``). Each backend gets a
 warm-up image first; the figures are the median of ``repeats`` timed passes.
@@ -28,8 +28,10 @@ TITLE = "Predict: images per second, PyTorch and ONNX Runtime"
 def _model(work: Path):
     import torch
 
-    from tasks._model import ModelCard, build, load, save
-    from tasks.params import load_params
+    from segflow.params import load_params
+    from segflow.semantic.card import ModelCard
+    from segflow.semantic.factory import build
+    from segflow.semantic.store import load, save
 
     params = load_params(ROOT / "params.yaml")
     torch.manual_seed(0)
@@ -68,8 +70,8 @@ def run(work: Path, repeats: int = 3, small: int = 8) -> str:
     """Measure; return the markdown section for docs/benchmarks.md."""
     import torch
 
-    from tasks._infer import Predictor, onnx_forward, torch_forward
-    from tasks._model import verify
+    from segflow.semantic.infer import Predictor, onnx_forward, torch_forward
+    from segflow.semantic.store import verify
 
     work.mkdir(parents=True, exist_ok=True)
     model, card, cfg = _model(work)

@@ -194,7 +194,7 @@ def main() -> int:
         "back the outputs of its last successful run (DVC-cached ones from DVC's cache, by the hashes dvc.lock",
         "holds; git-tracked metrics and curves from a copy kept in `.segflow/last-good/`). Stages check",
         "params.yaml before their heavy imports. `segflow run` starts DVC and its temporary Prefect server on a",
-        "leash (`flows/_leash.py`) in their own sessions: they stop when segflow is gone, even after SIGKILL.",
+        "leash (`segflow/ops/leash.py`) in their own sessions: they stop when segflow is gone, even after SIGKILL.",
         "",
         "| promise | test | last result |",
         "|---|---|---|",

@@ -86,8 +86,8 @@ def _real_batches(project: Path, batch_size: int, device: str, channels_last: bo
     """``count`` augmented training batches of the project's own data, already on ``device``."""
     import torch
 
-    from tasks._data import SegmentationDataset
-    from tasks._files import TRAIN_PIPELINE, load_transform, read_manifest, split_rows
+    from segflow.layout import TRAIN_PIPELINE, load_transform, read_manifest, split_rows
+    from segflow.semantic.dataset import SegmentationDataset
 
     ingest, augment = project / "data" / "ingest", project / "data" / "augment"
     dataset = SegmentationDataset(
@@ -110,14 +110,15 @@ def bare_loop(project: Path, device: str, channels_last: bool, window_steps: int
 
     import torch
 
-    from tasks import _model
-    from tasks.params import load_params
-    from tasks.train import build_loss, resolve_precision
+    from segflow.params import load_params
+    from segflow.semantic import factory
+    from segflow.semantic.hardware import resolve_precision
+    from segflow.semantic.losses import build_loss
 
     params = load_params(project / "params.yaml")
     cfg = params.train
     torch.manual_seed(0)
-    model = _model.build(cfg, len(params.classes), 3).to(device)
+    model = factory.build(cfg, len(params.classes), 3).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.train()

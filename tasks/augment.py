@@ -1,150 +1,19 @@
-"""Stage ``augment``: the albumentations pipelines for training and evaluation.
+"""Stage ``augment``: the albumentations pipelines for training and evaluation, and their preview.
 
-Builds both ``Compose`` pipelines from params and saves them with ``A.save`` to
-``${paths.augment}/train.json`` and ``eval.json``; training and evaluation load
-exactly these files, so what DVC versions is what ran. Also renders
-``preview.png``: training samples after augmentation, with their masks, as the
-model will see them.
+Run by DVC as ``python -m tasks.augment`` from the project root (dvc.yaml). params.yaml is checked
+before the heavy imports, so a bad value fails in a fraction of a second; the work is
+:func:`segflow.augment.run`.
 """
 
 from __future__ import annotations
 
-from tasks._guard import preflight
+from segflow.stage import preflight
 
 if __name__ == "__main__":
     preflight("augment")  # a bad params.yaml fails here, before the imports below (seconds for torch)
 
-import logging
-
-import albumentations as A
-import cv2
-import numpy as np
-
-from tasks import _recipes, _viz
-from tasks._common import SegflowError, atomic_path, read_image, read_mask, stage_main, write_png
-from tasks._files import (
-    AUGMENT_PREVIEW,
-    EVAL_PIPELINE,
-    TRAIN_PIPELINE,
-    image_channels,
-    load_transform,
-    read_manifest,
-    split_rows,
-)
-from tasks.params import IGNORE_INDEX, AugmentParams, Params, Paths
-
-log = logging.getLogger(__name__)
-
-
-def build_train_transform(params: AugmentParams, seed: int, channels: int = 3) -> A.Compose:
-    """The training recipe (``augment.preset`` + ``overrides`` + ``train``) followed by normalisation.
-
-    The recipe's ``crop`` step pads to ``crop_size`` and crops; geometric transforms
-    move image and mask together (masks nearest-neighbour) and label the pixels they
-    invent ``IGNORE_INDEX``, so they count towards no class.
-
-    Args:
-        channels: the images' channel count (1 or 3), for the normalisation.
-
-    Raises:
-        SegflowError: a transform refuses its arguments (names it and the problem).
-    """
-    mean, std = params.normalize.for_channels(channels)
-    try:
-        steps = _recipes.build(_recipes.with_crop(params.train_recipe()), params.crop_size)
-    except ValueError as error:
-        raise SegflowError(f"params.yaml: augment (preset {params.preset}): {error}") from None
-    return A.Compose([*steps, A.Normalize(mean=mean, std=std)], seed=seed)
-
-
-def build_eval_transform(params: AugmentParams, channels: int = 3) -> A.Compose:
-    """Deterministic: ``augment.eval``'s pixel-level transforms, padding bottom/right to the stride, normalisation.
-
-    Padding sits at the bottom-right so predictions crop back with ``[:H, :W]``.
-    """
-    mean, std = params.normalize.for_channels(channels)
-    try:
-        pixel = _recipes.build(params.eval, None)
-    except ValueError as error:
-        raise SegflowError(f"params.yaml: augment.eval: {error}") from None
-    return A.Compose(
-        [
-            *pixel,
-            A.PadIfNeeded(
-                min_height=None,
-                min_width=None,
-                pad_height_divisor=params.pad_divisor,
-                pad_width_divisor=params.pad_divisor,
-                position="top_left",
-                border_mode=cv2.BORDER_CONSTANT,
-                fill=0,
-                fill_mask=IGNORE_INDEX,
-            ),
-            A.Normalize(mean=mean, std=std),
-        ],
-        seed=0,  # any random pixel transform in augment.eval is the same on every run
-    )
-
-
-def denormalize(image: np.ndarray, params: AugmentParams) -> np.ndarray:
-    """Undo ``Normalize`` for display.
-
-    Args:
-        image: (H, W, C) float32, normalised.
-
-    Returns:
-        (H, W, C) uint8.
-    """
-    mean, std = (np.asarray(v, dtype=np.float32) for v in params.normalize.for_channels(image.shape[-1]))
-    return (np.clip(image * std + mean, 0, 1) * 255).round().astype(np.uint8)
-
-
-def render_preview(
-    samples: list[tuple[np.ndarray, np.ndarray]], transform: A.Compose, params: AugmentParams, classes: list[str]
-) -> np.ndarray:
-    """Show each sample before and after augmentation, each with its mask.
-
-    Args:
-        samples: (image (H, W, C) uint8, mask (H, W) uint8) pairs.
-
-    Returns:
-        (H', W', 3) uint8 picture.
-    """
-    rows = []
-    crop = params.crop_size
-    original = A.Compose([A.PadIfNeeded(crop, crop, border_mode=cv2.BORDER_CONSTANT), A.CenterCrop(crop, crop)])
-    for image, mask in samples:
-        before = original(image=image, mask=mask)
-        after = transform(image=image, mask=mask)
-        rows.append(
-            [
-                _viz.as_rgb(before["image"]),
-                _viz.colourize(before["mask"], len(classes)),
-                _viz.as_rgb(denormalize(after["image"], params)),
-                _viz.colourize(after["mask"], len(classes)),
-            ]
-        )
-    return _viz.grid(rows, classes, ["image", "mask", "augmented", "augmented mask"])
-
-
-def run(params: Params, paths: Paths) -> None:
-    """Save both pipelines and the preview under ``paths.augment``."""
-    cfg = params.augment
-    manifest = read_manifest(paths.ingest)
-    channels = image_channels(manifest)
-    train = build_train_transform(cfg, params.seed, channels)
-    paths.augment.mkdir(parents=True, exist_ok=True)
-    for name, transform in ((TRAIN_PIPELINE, train), (EVAL_PIPELINE, build_eval_transform(cfg, channels))):
-        with atomic_path(paths.augment / name) as tmp:
-            A.save(transform, str(tmp), data_format="json")
-
-    chosen = split_rows(manifest, "train").head(cfg.preview_samples)
-    samples = [(read_image(paths.ingest / r.image), read_mask(paths.ingest / r.mask)) for r in chosen.itertuples()]
-    # The preview draws from its own copy so it never depends on, or shifts, training's random stream.
-    preview = render_preview(samples, load_transform(paths.augment / TRAIN_PIPELINE, params.seed), cfg, params.classes)
-    with atomic_path(paths.augment / AUGMENT_PREVIEW) as tmp:
-        write_png(tmp, preview)
-    log.info("pipelines %s, %s and %s written to %s", TRAIN_PIPELINE, EVAL_PIPELINE, AUGMENT_PREVIEW, paths.augment)
+from segflow.augment import run
+from segflow.stage import stage_main
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest
 
-from tasks.params import Params, parse_params
+from segflow.params import Params, parse_params
 
 ROOT = Path(__file__).resolve().parents[1]
 # The real ISBI 2012 membrane set, read in place (never copied); SEGFLOW_ISBI2012 points elsewhere.
@@ -84,8 +84,8 @@ def prefect_api(tmp_path_factory) -> str:
 
     import httpx
 
-    from flows._env import stage_env
-    from flows.server import free_port, healthy
+    from segflow.ops.env import stage_env
+    from segflow.ops.server import free_port, healthy
 
     home = tmp_path_factory.mktemp("prefect-server")
     port = free_port()

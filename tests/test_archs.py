@@ -1,4 +1,4 @@
-"""FCN and SegNet (tasks/_archs.py): shapes, training, saving, SegNet's unpooling, checkpoint mapping."""
+"""FCN and SegNet (segflow/semantic/archs.py): shapes, training, saving, SegNet's unpooling, checkpoint mapping."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from safetensors.torch import load_file, save_file
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.segmentation.fcn import FCNHead
 
-from tasks import _archs
-from tasks._common import SegflowError
+from segflow.errors import SegflowError
+from segflow.semantic import archs
 
 CLASSES = 4
 
@@ -33,12 +33,12 @@ def _one_thread():
 def fcn():
     # ~33M parameters: built once here, and once more only for the round trip.
     torch.manual_seed(0)
-    return _archs.build_fcn("resnet50", CLASSES)
+    return archs.build_fcn("resnet50", CLASSES)
 
 
 def _segnet(encoder="vgg11_bn", depth=3, in_channels=3):
     torch.manual_seed(0)
-    return _archs.build_segnet(encoder, depth, CLASSES, in_channels)
+    return archs.build_segnet(encoder, depth, CLASSES, in_channels)
 
 
 def _batch(n=2, channels=3, size=32):
@@ -72,7 +72,7 @@ def test_fcn_maps_images_to_logits_of_their_size(fcn):
 def test_fcn_reads_one_channel_images():
     # On the meta device: shapes and layer settings without allocating another 33M parameters.
     with torch.device("meta"):
-        model = _archs.build("FCN", "resnet50", 5, CLASSES, in_channels=1)
+        model = archs.build("FCN", "resnet50", 5, CLASSES, in_channels=1)
         logits = model(torch.empty(2, 1, 32, 32))
     assert logits.shape == (2, CLASSES, 32, 32)
     conv = model.encoder.conv1
@@ -122,14 +122,14 @@ def _round_trip(model, fresh, images, tmp_path):
 
 def test_fcn_round_trips_through_safetensors(fcn, tmp_path):
     torch.manual_seed(1)  # a different initialisation, so only the load can make them agree
-    _round_trip(fcn, _archs.build_fcn("resnet50", CLASSES), _batch()[0], tmp_path)
+    _round_trip(fcn, archs.build_fcn("resnet50", CLASSES), _batch()[0], tmp_path)
 
 
 def test_segnet_round_trips_through_safetensors(tmp_path):
     model = _segnet(in_channels=1)
     _train_step(model, *_batch(channels=1))  # moved batch-norm statistics must come back too
     torch.manual_seed(1)
-    fresh = _archs.build_segnet("vgg11_bn", 3, CLASSES, in_channels=1)
+    fresh = archs.build_segnet("vgg11_bn", 3, CLASSES, in_channels=1)
     _round_trip(model, fresh, _batch(channels=1)[0], tmp_path)
 
 
@@ -165,13 +165,13 @@ def test_segnet_unpools_at_the_encoders_argmax_positions():
 @pytest.mark.parametrize(
     ("call", "message"),
     [
-        (lambda: _archs.build_fcn("resnet18", CLASSES), "train.encoder: FCN is built on torchvision's resnet50"),
-        (lambda: _archs.build("FCN", "vgg16_bn", 5, CLASSES), "got 'vgg16_bn'; set train.encoder: resnet50"),
-        (lambda: _archs.build_segnet("vgg16", 5, CLASSES), "vgg11_bn, vgg13_bn or vgg16_bn, got 'vgg16'"),
-        (lambda: _archs.build_segnet("vgg19_bn", 5, CLASSES), "got 'vgg19_bn'; set train.encoder: vgg16_bn"),
-        (lambda: _archs.build_segnet("vgg16_bn", 6, CLASSES), "train.encoder_depth: SegNet uses 3 to 5"),
-        (lambda: _archs.build("Unet", "resnet18", 5, CLASSES), "train.arch: 'Unet' is not FCN or SegNet"),
-        (lambda: _archs.adapt_state_dict("segnet", {}), "train.arch: 'segnet' is not FCN or SegNet"),
+        (lambda: archs.build_fcn("resnet18", CLASSES), "train.encoder: FCN is built on torchvision's resnet50"),
+        (lambda: archs.build("FCN", "vgg16_bn", 5, CLASSES), "got 'vgg16_bn'; set train.encoder: resnet50"),
+        (lambda: archs.build_segnet("vgg16", 5, CLASSES), "vgg11_bn, vgg13_bn or vgg16_bn, got 'vgg16'"),
+        (lambda: archs.build_segnet("vgg19_bn", 5, CLASSES), "got 'vgg19_bn'; set train.encoder: vgg16_bn"),
+        (lambda: archs.build_segnet("vgg16_bn", 6, CLASSES), "train.encoder_depth: SegNet uses 3 to 5"),
+        (lambda: archs.build("Unet", "resnet18", 5, CLASSES), "train.arch: 'Unet' is not FCN or SegNet"),
+        (lambda: archs.adapt_state_dict("segnet", {}), "train.arch: 'segnet' is not FCN or SegNet"),
     ],
 )
 def test_bad_choices_are_one_line_errors(call, message):
@@ -181,11 +181,11 @@ def test_bad_choices_are_one_line_errors(call, message):
 
 
 def test_build_dispatches_to_both():
-    assert _archs.EXTRA_ARCHS == ("FCN", "SegNet")
+    assert archs.EXTRA_ARCHS == ("FCN", "SegNet")
     with torch.device("meta"):
-        assert isinstance(_archs.build("FCN", "resnet101", 5, CLASSES), _archs.FCN)
-        segnet = _archs.build("SegNet", "vgg13_bn", 4, CLASSES, in_channels=1)
-    assert isinstance(segnet, _archs.SegNet)
+        assert isinstance(archs.build("FCN", "resnet101", 5, CLASSES), archs.FCN)
+        segnet = archs.build("SegNet", "vgg13_bn", 4, CLASSES, in_channels=1)
+    assert isinstance(segnet, archs.SegNet)
     assert len(segnet.decoder) == 4
     assert segnet.encoder[0].in_channels == 1
 
@@ -202,7 +202,7 @@ def test_adapt_maps_torchvision_vgg16_bn_onto_segnet():
     with torch.device("meta"):
         state = torchvision.models.vgg16_bn(weights=None).state_dict()
     assert any(key.startswith("classifier.") for key in state)
-    adapted = _archs.adapt_state_dict("SegNet", state)
+    adapted = archs.adapt_state_dict("SegNet", state)
     _assert_covers(adapted, model.encoder)
     assert not any(key.startswith("classifier") for key in adapted)
     generator = torch.Generator().manual_seed(2)
@@ -210,9 +210,9 @@ def test_adapt_maps_torchvision_vgg16_bn_onto_segnet():
     model.encoder.load_state_dict(adapted, strict=True)
     assert torch.equal(model.encoder[40].weight, adapted["40.weight"])
     # Its own checkpoint (and an smp-style encoder.features.* one) maps back too.
-    _assert_covers(_archs.adapt_state_dict("SegNet", model.state_dict()), model.encoder)
+    _assert_covers(archs.adapt_state_dict("SegNet", model.state_dict()), model.encoder)
     nested = {f"encoder.{key}": value for key, value in state.items()}
-    _assert_covers(_archs.adapt_state_dict("SegNet", nested), model.encoder)
+    _assert_covers(archs.adapt_state_dict("SegNet", nested), model.encoder)
     # A truncated encoder takes the leading part; the caller drops the keys it lacks.
     shallow = _segnet("vgg16_bn", 3).encoder
     shallow.load_state_dict({k: v for k, v in adapted.items() if k in shallow.state_dict()}, strict=True)
@@ -220,18 +220,18 @@ def test_adapt_maps_torchvision_vgg16_bn_onto_segnet():
 
 def test_adapt_maps_torchvision_resnet50_and_fcn_resnet50_onto_fcn(fcn):
     resnet = torchvision.models.resnet50(weights=None).state_dict()
-    adapted = _archs.adapt_state_dict("FCN", resnet)
+    adapted = archs.adapt_state_dict("FCN", resnet)
     _assert_covers(adapted, fcn.encoder)
     assert "fc.weight" in resnet and not any(key.startswith("fc.") for key in adapted)
 
     tv_fcn = torchvision.models.segmentation.fcn_resnet50(
         weights=None, weights_backbone=None, num_classes=21, aux_loss=True
     ).state_dict()
-    adapted = _archs.adapt_state_dict("FCN", tv_fcn)
+    adapted = archs.adapt_state_dict("FCN", tv_fcn)
     _assert_covers(adapted, fcn.encoder)
     assert any(key.startswith("aux_classifier.") for key in tv_fcn)
     assert torch.equal(adapted["layer4.2.conv3.weight"], tv_fcn["backbone.layer4.2.conv3.weight"])
-    _assert_covers(_archs.adapt_state_dict("FCN", fcn.state_dict()), fcn.encoder)
+    _assert_covers(archs.adapt_state_dict("FCN", fcn.state_dict()), fcn.encoder)
 
 
 def test_segnet_exports_to_onnx_with_the_same_logits(tmp_path):
@@ -265,12 +265,13 @@ def test_the_factory_card_save_load_and_predict_path_takes_both(arch, encoder, t
     """Through segflow's own path: params -> factory -> safetensors + card -> load (no pickle) -> Predictor."""
     import numpy as np
 
-    from tasks import _infer, _model
-    from tasks.params import TrainParams
+    from segflow.params import TrainParams
+    from segflow.semantic import factory, infer, store
+    from segflow.semantic.card import ModelCard
 
     cfg = TrainParams(arch=arch, encoder=encoder, encoder_depth=3)
-    model = _model.build(cfg, num_classes=3, in_channels=1)
-    card = _model.ModelCard(
+    model = factory.build(cfg, num_classes=3, in_channels=1)
+    card = ModelCard(
         arch=arch, encoder=encoder, encoder_depth=3, in_channels=1, classes=["a", "b", "c"],
         mean=[0.5], std=[0.25], pad_divisor=8, train_size=32,
     )  # fmt: skip
@@ -278,14 +279,14 @@ def test_the_factory_card_save_load_and_predict_path_takes_both(arch, encoder, t
     preprocess.write_text("{}")
     # SegNet's ONNX export goes through the same check against PyTorch as every exported model.
     onnx = arch == "SegNet" and importlib.util.find_spec("onnxruntime") is not None
-    saved = _model.save(model, card, preprocess, tmp_path / "model", export=("onnx",) if onnx else ())
+    saved = store.save(model, card, preprocess, tmp_path / "model", export=("onnx",) if onnx else ())
     assert not onnx or saved.exports["onnx"]["max_abs_logit_diff"] < 1e-3
     assert any(key.startswith("encoder.") for key in load_file(tmp_path / "model" / "model.safetensors"))
-    loaded, loaded_card = _model.load(tmp_path / "model")
+    loaded, loaded_card = store.load(tmp_path / "model")
     assert type(loaded).__name__ == arch and loaded_card.arch == arch
     image = np.random.default_rng(0).integers(0, 255, (37, 45), dtype=np.uint8)
-    predictor = _infer.Predictor(_infer.torch_forward(loaded, "cpu"), loaded_card, tile_size=64, overlap=16)
-    expected = _infer.Predictor(_infer.torch_forward(model.eval(), "cpu"), card, tile_size=64, overlap=16)
+    predictor = infer.Predictor(infer.torch_forward(loaded, "cpu"), loaded_card, tile_size=64, overlap=16)
+    expected = infer.Predictor(infer.torch_forward(model.eval(), "cpu"), card, tile_size=64, overlap=16)
     labels = predictor.predict(image)
     assert labels.shape == (37, 45) and set(np.unique(labels)) <= {0, 1, 2}
     assert np.array_equal(labels, expected.predict(image))

@@ -7,10 +7,12 @@ import json
 import numpy as np
 import pytest
 
-from tasks import augment, ingest
-from tasks._common import SegflowError, read_image
-from tasks._files import AUGMENT_PREVIEW, EVAL_PIPELINE, TRAIN_PIPELINE, load_transform
-from tasks.params import IGNORE_INDEX, AugmentParams
+from segflow import augment
+from segflow.data import ingest
+from segflow.errors import SegflowError
+from segflow.io import read_image
+from segflow.layout import AUGMENT_PREVIEW, EVAL_PIPELINE, TRAIN_PIPELINE, load_transform
+from segflow.params import IGNORE_INDEX, AugmentParams
 
 # Geometry always on, colour never, identity normalisation: pixel values stay readable.
 GEOMETRY_ONLY = AugmentParams(

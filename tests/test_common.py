@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tasks._common import atomic_dir, atomic_path, write_text
+from segflow.io import atomic_dir, atomic_path, write_text
 
 
 def _leftovers(folder):

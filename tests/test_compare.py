@@ -10,11 +10,11 @@ import pytest
 import yaml
 
 from bench._util import fresh_project
-from flows._env import stage_env
-from flows.compare import compare, plan
-from tasks import _model
-from tasks._common import SegflowError
-from tasks.params import load_params
+from segflow.errors import SegflowError
+from segflow.ops.compare import compare, plan
+from segflow.ops.env import stage_env
+from segflow.params import load_params
+from segflow.semantic import factory
 from tests.conftest import TINY
 
 
@@ -71,7 +71,7 @@ def test_compare_queues_runs_and_tabulates_two_architectures(tmp_path):
         assert row["iou_macro"] == pytest.approx(scores["iou"]["macro"])
         assert row["iou_triangle"] == pytest.approx(scores["iou"]["per_class"]["triangle"])
         ran = yaml.safe_load(json.dumps(run["data"]["params"]["params.yaml"]["data"]))
-        model = _model.build(base.train.model_copy(update=ran["train"]), len(base.classes), in_channels=3)
+        model = factory.build(base.train.model_copy(update=ran["train"]), len(base.classes), in_channels=3)
         assert row["parameters"] == sum(p.numel() for p in model.parameters())
         assert row["gmacs"] > 0 and row["train_s"] > 0 and row["infer_images_per_s"] > 0
     text = md.read_text()

@@ -1,7 +1,7 @@
 """dvc.yaml and the code cannot drift apart.
 
 For every stage `x` in dvc.yaml: its command is `python -m tasks.x`; tasks/x.py
-has run() and main(); params.yaml has a section `x:` typed by `XParams`; the
+is a thin main() calling a library run(); params.yaml has a section `x:` typed by `XParams`; the
 stage's deps list exactly the project modules the stage imports (so a code
 change reruns the stages it affects, and only those); the params sections the
 module reads are declared; its outputs live under ${paths.x}.
@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-import tasks.params as params_module
-from tasks.params import Params
+import segflow.params as params_module
+from segflow import deps
+from segflow.params import Params
 from tests.conftest import ROOT
 
 DVC_YAML = yaml.safe_load((ROOT / "dvc.yaml").read_text())
@@ -25,24 +26,15 @@ STAGES = DVC_YAML["stages"]
 
 
 def _tree(module: str) -> ast.Module:
-    return ast.parse((ROOT / (module.replace(".", "/") + ".py")).read_text())
+    return ast.parse(deps.module_file(module, ROOT).read_text())
 
 
-def project_imports(module: str, seen: set[str] | None = None) -> set[str]:
-    """Every `tasks.*` module `module` imports, directly or through other project modules."""
-    seen = set() if seen is None else seen
-    for node in ast.walk(_tree(module)):
-        names = []
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "tasks":
-            # `from tasks import _viz` imports a module; `from tasks.x import y` imports tasks.x.
-            names = [f"tasks.{a.name}" for a in node.names] if node.module == "tasks" else [node.module]
-        elif isinstance(node, ast.Import):
-            names = [a.name for a in node.names if a.name.split(".")[0] == "tasks"]
-        for name in names:
-            if (ROOT / (name.replace(".", "/") + ".py")).is_file() and name not in seen:
-                seen.add(name)
-                project_imports(name, seen)
-    return seen
+def run_module(stage: str) -> str:
+    """The library module whose ``run`` the stage entry point ``tasks/<stage>.py`` calls."""
+    for node in _tree(f"tasks.{stage}").body:
+        if isinstance(node, ast.ImportFrom) and any(a.name == "run" for a in node.names):
+            return node.module
+    raise AssertionError(f"tasks/{stage}.py imports no run() from the library")
 
 
 def params_read(module: str) -> set[str]:
@@ -63,18 +55,20 @@ def params_read(module: str) -> set[str]:
     return chains
 
 
-def _module_file(name: str) -> str:
-    return name.replace(".", "/") + ".py"
-
-
 @pytest.mark.parametrize("stage", STAGES)
 def test_stage_command_and_module(stage):
     spec = STAGES[stage]
     assert spec["cmd"] == f"python -m tasks.{stage}"
     tree = _tree(f"tasks.{stage}")
     functions = {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}
-    assert {"run", "main"} <= functions, f"tasks/{stage}.py needs run() and main()"
+    assert functions == {"main"}, f"tasks/{stage}.py is an entry point: main() only, the work is the library's"
     assert "__main__" in (ROOT / f"tasks/{stage}.py").read_text(), f"tasks/{stage}.py must run as a module"
+    library = run_module(stage)
+    assert library.startswith("segflow."), library
+    library_functions = {node.name for node in _tree(library).body if isinstance(node, ast.FunctionDef)}
+    assert "run" in library_functions, f"{library} has no run()"
+    # The entry point stays thin: a few lines around preflight and stage_main.
+    assert len((ROOT / f"tasks/{stage}.py").read_text().splitlines()) < 40
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -87,9 +81,9 @@ def test_stage_params_section(stage):
 
 @pytest.mark.parametrize("stage", STAGES)
 def test_stage_code_deps_match_imports(stage):
-    declared = {d for d in STAGES[stage]["deps"] if d.startswith("tasks/")}
-    imported = {_module_file(m) for m in project_imports(f"tasks.{stage}")} | {f"tasks/{stage}.py"}
-    imported.discard("tasks/__init__.py")
+    declared = {d for d in STAGES[stage]["deps"] if d.startswith(("tasks/", "segflow/"))}
+    imported = {str(f.resolve().relative_to(ROOT)) for f in deps.code_files(f"tasks.{stage}", ROOT)}
+    assert f"tasks/{stage}.py" in imported and any(f.startswith("segflow/") for f in imported)
     assert declared == imported, (
         f"stage {stage}: missing from deps {sorted(imported - declared)}, "
         f"listed but not imported {sorted(declared - imported)}"
@@ -102,15 +96,16 @@ def test_stage_declares_the_params_it_reads(stage):
     declared = set(STAGES[stage].get("params", []))
     assert stage in declared
     # paths reach DVC through ${paths.x} in deps and outs.
-    read = {key for key in params_read(f"tasks.{stage}") if not key.startswith("paths")}
+    read = {key for key in params_read(run_module(stage)) if not key.startswith("paths")}
     assert read, f"tasks/{stage}.py reads no params?"
     uncovered = {key for key in read if not any(key == d or key.startswith(d + ".") for d in declared)}
     assert not uncovered, f"stage {stage} reads params {sorted(uncovered)} that dvc.yaml does not list"
 
 
 def test_params_read_sees_whole_chains():
-    assert params_read("tasks.train") >= {"train", "augment.normalize.for_channels", "augment.crop_size", "seed"}
-    assert "augment" not in params_read("tasks.train")
+    read = params_read("segflow.semantic.train")
+    assert read >= {"train", "augment.normalize.for_channels", "augment.crop_size", "seed"}
+    assert "augment" not in read
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -140,7 +135,7 @@ def test_every_stage_module_is_in_the_graph():
 
 
 def test_flow_runs_the_stages_in_dvc_order():
-    from flows._plan import stage_order
+    from segflow.ops.plan import stage_order
 
     assert stage_order(ROOT) == list(STAGES)
 

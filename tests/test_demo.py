@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import pytest
 
-from tasks import augment, evaluate, ingest, train
-from tasks.params import load_params
+from segflow import augment
+from segflow.data import ingest
+from segflow.params import load_params
+from segflow.semantic import evaluate, train
 from tests.conftest import ROOT
 
 

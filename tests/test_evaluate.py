@@ -8,9 +8,9 @@ import pandas as pd
 import pytest
 import torch
 
-from tasks import _model, augment, evaluate, ingest
-from tasks._data import SegmentationDataset
-from tasks._files import (
+from segflow import augment
+from segflow.data import ingest
+from segflow.layout import (
     EVAL_PIPELINE,
     METRICS,
     MODEL_DIR,
@@ -21,6 +21,9 @@ from tasks._files import (
     read_manifest,
     split_rows,
 )
+from segflow.semantic import evaluate, factory, store
+from segflow.semantic.card import ModelCard, read_card
+from segflow.semantic.dataset import SegmentationDataset
 
 
 @pytest.fixture
@@ -57,7 +60,7 @@ class _Stub(torch.nn.Module):
 
 def test_stage_run_writes_metrics_tables_and_preview(prepared, monkeypatch):
     params, paths = prepared
-    card = _model.ModelCard(
+    card = ModelCard(
         arch="Unet",
         encoder="resnet18",
         encoder_depth=3,
@@ -68,13 +71,13 @@ def test_stage_run_writes_metrics_tables_and_preview(prepared, monkeypatch):
         pad_divisor=32,
         train_size=32,
     )
-    _model.save(
-        _model.create("Unet", "resnet18", 3, [16, 8, 4], 4),
+    store.save(
+        factory.create("Unet", "resnet18", 3, [16, 8, 4], 4),
         card,
         paths.augment / EVAL_PIPELINE,
         paths.train / MODEL_DIR,
     )
-    monkeypatch.setattr(_model, "load", lambda model_dir: (_Stub(), _model.read_card(model_dir)))
+    monkeypatch.setattr(store, "load", lambda model_dir: (_Stub(), read_card(model_dir)))
     metrics = evaluate.run(params, paths)
 
     on_disk = json.loads((paths.evaluate / METRICS).read_text())

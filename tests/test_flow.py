@@ -7,9 +7,9 @@ import subprocess
 import time
 from collections import deque
 
-from flows._stage import failure_reason as _failure_reason
-from flows._stage import stop as _stop
-from flows._summary import headline
+from segflow.ops.runner import failure_reason as _failure_reason
+from segflow.ops.runner import stop as _stop
+from segflow.ops.summary import headline
 
 
 def _alive(pid: int) -> bool:

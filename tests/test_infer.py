@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from tasks._common import SegflowError
-from tasks._infer import Predictor, _axis_starts, _axis_weights, to_channels, torch_forward
-from tasks._model import ModelCard
+from segflow.errors import SegflowError
+from segflow.semantic.card import ModelCard
+from segflow.semantic.infer import Predictor, _axis_starts, _axis_weights, to_channels, torch_forward
 
 
 def _card(classes=3, channels=3, pad=32) -> ModelCard:
@@ -101,14 +101,14 @@ def test_images_are_converted_to_the_models_channels(channels, given):
 
 
 def test_the_trained_demo_model_agrees_tiled_and_whole():
-    from tasks import _model
-    from tasks._synthetic import make_scene
+    from segflow.data.synthetic import make_scene
+    from segflow.semantic import store
     from tests.conftest import ROOT
 
     folder = ROOT / "data/train/model"
     if not (folder / "model.json").is_file():
         pytest.skip("no trained demo model in this checkout (make demo trains it)")
-    model, card = _model.load(folder)
+    model, card = store.load(folder)
     image, _ = make_scene(np.random.default_rng(5), 768, 3, np.array([0.4, 0.32, 0.28]), 8, 16, 0.05)
     forward = torch_forward(model, "cpu")
     whole = Predictor(forward, card, tile_size=1024, overlap=0).predict(image)
@@ -117,7 +117,7 @@ def test_the_trained_demo_model_agrees_tiled_and_whole():
 
 
 def test_predict_refuses_outputs_that_would_overwrite_each_other_or_an_input(tmp_path):
-    from flows.predict import check_targets
+    from segflow.semantic.predict import check_targets
 
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()

@@ -6,13 +6,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks import _splits, _synthetic, ingest
-from tasks._common import SegflowError, read_image, read_mask
-from tasks._files import read_manifest
+from segflow.data import ingest, synthetic
+from segflow.data.splits import assign_splits
+from segflow.errors import SegflowError
+from segflow.io import read_image, read_mask
+from segflow.layout import read_manifest
 
 
 def _scenes(seed, n, size=48, classes=4):
-    return list(_synthetic.generate(seed, n, classes, size, 2, 5, 0.05))
+    return list(synthetic.generate(seed, n, classes, size, 2, 5, 0.05))
 
 
 def test_synthetic_is_seeded_and_independent_of_count():
@@ -41,23 +43,23 @@ def test_synthetic_scenes_are_multiclass_varied_and_imbalanced():
 
 def test_synthetic_rejects_more_classes_than_kinds():
     with pytest.raises(ValueError, match="object classes"):
-        next(_synthetic.generate(0, 1, _synthetic.MAX_OBJECT_CLASSES + 2, 32, 1, 2, 0.0))
+        next(synthetic.generate(0, 1, synthetic.MAX_OBJECT_CLASSES + 2, 32, 1, 2, 0.0))
 
 
 def test_split_is_deterministic_and_stable_when_data_grows():
     ids = [f"img_{i:04d}" for i in range(400)]
-    splits = _splits.assign_splits(ids, 7, 0.15, 0.15)
-    assert splits == _splits.assign_splits(ids, 7, 0.15, 0.15)
-    grown = _splits.assign_splits([*ids, *(f"new_{i}" for i in range(100))], 7, 0.15, 0.15)
+    splits = assign_splits(ids, 7, 0.15, 0.15)
+    assert splits == assign_splits(ids, 7, 0.15, 0.15)
+    grown = assign_splits([*ids, *(f"new_{i}" for i in range(100))], 7, 0.15, 0.15)
     assert grown[:400] == splits, "adding images never moves an existing one"
     shares = pd.Series(splits).value_counts(normalize=True)
     assert 0.10 < shares["test"] < 0.20 and 0.10 < shares["val"] < 0.20
-    assert _splits.assign_splits(ids, 8, 0.15, 0.15) != splits
+    assert assign_splits(ids, 8, 0.15, 0.15) != splits
 
 
 def test_empty_split_is_a_clear_error():
     with pytest.raises(SegflowError, match=r"split 'test' got none of the 2 images.*ingest.test_fraction"):
-        _splits.assign_splits(["a", "b"], 0, 0.0, 0.01)
+        assign_splits(["a", "b"], 0, 0.0, 0.01)
 
 
 def test_run_writes_layout_and_a_truthful_manifest(tiny_params, tiny_paths):

@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 import yaml
 
+import tasks.ingest as ingest_stage
 from bench._util import merge
-from tasks import ingest
-from tasks._checks import RULES, Problem
-from tasks._files import REPORT_JSON, REPORT_MD
-from tasks.params import parse_params
+from segflow.data import ingest
+from segflow.data.checks import RULES, Problem
+from segflow.layout import REPORT_JSON, REPORT_MD
+from segflow.params import parse_params
 from tests.datasets import paired, save, scene, tree_hashes
 
 BASE = {"classes": ["background", "blob"], "ingest": {"source": "folder", "workers": 1}}
@@ -110,7 +111,7 @@ def _stage(project, monkeypatch, capsys, keys):
     monkeypatch.chdir(project)
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
-        ingest.main()
+        ingest_stage.main()
     return exit_info.value.code, capsys.readouterr().err
 
 

@@ -14,10 +14,10 @@ import pytest
 from PIL import Image
 
 from bench._util import merge
-from tasks import _splits, ingest
-from tasks._common import read_image, read_mask
-from tasks._files import MANIFEST, REPORT_JSON, REPORT_MD, read_manifest
-from tasks.params import IGNORE_INDEX, parse_params
+from segflow.data import ingest, splits
+from segflow.io import read_image, read_mask
+from segflow.layout import MANIFEST, REPORT_JSON, REPORT_MD, read_manifest
+from segflow.params import IGNORE_INDEX, parse_params
 from tests.conftest import isbi_or_skip
 from tests.datasets import paired, save, scene, tree_hashes
 
@@ -56,7 +56,7 @@ def test_paired_folder_is_ingested_exactly(tmp_path):
     on_disk = read_manifest(out)
     assert on_disk["id"].tolist() == manifest["id"].tolist()
     # The split is the seeded hash of each id, as for the synthetic source.
-    assert manifest["split"].tolist() == [_splits.split_of(i, 42, 0.15, 0.15) for i in manifest["id"]]
+    assert manifest["split"].tolist() == [splits.split_of(i, 42, 0.15, 0.15) for i in manifest["id"]]
 
 
 def test_folder_names_and_suffixes_are_configurable(tmp_path):

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from tasks._common import read_mask
-from tasks._metrics import confusion_counts, per_image_iou, summarize
-from tasks.params import IGNORE_INDEX
+from segflow.io import read_mask
+from segflow.params import IGNORE_INDEX
+from segflow.semantic.metrics import confusion_counts, per_image_iou, summarize
 from tests.conftest import isbi_or_skip
 
 CLASSES = ["background", "a", "b"]

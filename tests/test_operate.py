@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from bench._util import fresh_project, merge
-from flows._env import stage_env
+from segflow.ops.env import stage_env
 from tests.conftest import TINY, run_children
 
 BIN = Path(sys.executable).parent

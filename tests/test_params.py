@@ -9,8 +9,8 @@ import pytest
 import segmentation_models_pytorch as smp
 import yaml
 
-from tasks._common import SegflowError
-from tasks.params import Arch, Params, ParamsError, load_params, parse_params
+from segflow.errors import SegflowError
+from segflow.params import Arch, Params, ParamsError, load_params, parse_params
 from tests.conftest import ROOT
 
 
@@ -92,16 +92,16 @@ def test_encoder_weights_null_spellings_mean_random_init():
 
 def test_arch_choices_match_smp():
     # If smp adds or renames an architecture, the Literal must follow.
-    from tasks._archs import EXTRA_ARCHS
+    from segflow.semantic.archs import EXTRA_ARCHS
 
     assert {a.lower() for a in Arch.__args__} == set(smp.MODEL_ARCHITECTURES_MAPPING) | {a.lower() for a in EXTRA_ARCHS}
 
 
 def test_synthetic_class_limit_matches_the_generator():
-    from tasks import _synthetic
-    from tasks.params import SYNTHETIC_OBJECT_CLASSES
+    from segflow.data import synthetic
+    from segflow.params import SYNTHETIC_OBJECT_CLASSES
 
-    assert SYNTHETIC_OBJECT_CLASSES == _synthetic.MAX_OBJECT_CLASSES
+    assert SYNTHETIC_OBJECT_CLASSES == synthetic.MAX_OBJECT_CLASSES
 
 
 def test_paths_reroot(tmp_path):
@@ -129,7 +129,7 @@ def test_outputs_may_not_leave_through_a_symbolic_link(tmp_path):
 
 
 def test_a_ready_configuration_is_applied_keeping_comments_and_refused_whole_when_bad(tmp_path):
-    from flows._config import apply
+    from segflow.config import apply
 
     shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
     original = (tmp_path / "params.yaml").read_text()
@@ -155,7 +155,7 @@ def test_a_ready_configuration_is_applied_keeping_comments_and_refused_whole_whe
 
 
 def test_the_shipped_configurations_are_valid(tmp_path):
-    from flows._config import apply
+    from segflow.config import apply
 
     for config in sorted((ROOT / "configs").glob("*.yaml")):
         shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")

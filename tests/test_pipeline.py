@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from bench._util import fresh_project, merge
-from flows._env import stage_env
+from segflow.ops.env import stage_env
 from tests.conftest import TINY, flow_run_named_in, run_children
 
 STAGES = ["ingest", "augment", "train", "evaluate"]

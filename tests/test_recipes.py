@@ -6,11 +6,11 @@ import cv2
 import numpy as np
 import pytest
 
-from tasks import _recipes, augment
-from tasks._common import SegflowError
-from tasks._infer import Predictor
-from tasks._model import ModelCard
-from tasks.params import IGNORE_INDEX, AugmentParams, ParamsError, parse_params
+from segflow import augment, recipes
+from segflow.errors import SegflowError
+from segflow.params import IGNORE_INDEX, AugmentParams, ParamsError, parse_params
+from segflow.semantic.card import ModelCard
+from segflow.semantic.infer import Predictor
 
 IDENTITY = {"mean": [0.0], "std": [1.0]}
 CROP = 48
@@ -30,19 +30,19 @@ def _coded_sample(size: int, channels: int, seed: int) -> tuple[np.ndarray, np.n
 
 def _geometric_only(preset: str) -> AugmentParams:
     """The preset with its pixel-level transforms removed: the image still spells the mask afterwards."""
-    kinds = _recipes.catalogue()
-    pixel = [name for name in _recipes.names(_recipes.PRESETS[preset]) if kinds[name]["kind"] == "pixel"]
+    kinds = recipes.catalogue()
+    pixel = [name for name in recipes.names(recipes.PRESETS[preset]) if kinds[name]["kind"] == "pixel"]
     return AugmentParams(preset=preset, crop_size=CROP, normalize=IDENTITY, overrides=dict.fromkeys(pixel))
 
 
 def test_the_catalogue_is_the_installed_albumentations():
-    assert _recipes.catalogue() == _recipes.build_catalogue()["transforms"], (
-        "tasks/_transforms.json is stale: rewrite it with python -m tasks._recipes"
+    assert recipes.catalogue() == recipes.build_catalogue()["transforms"], (
+        "segflow/transforms.json is stale: rewrite it with python -m segflow.recipes"
     )
 
 
 @pytest.mark.parametrize("channels", [1, 3])
-@pytest.mark.parametrize("preset", sorted(_recipes.PRESETS))
+@pytest.mark.parametrize("preset", sorted(recipes.PRESETS))
 def test_every_preset_keeps_masks_correct(preset, channels):
     """Geometry moves image and mask together; ids never blend; invented pixels are ignored, never class 0."""
     full = augment.build_train_transform(
@@ -99,7 +99,7 @@ def test_overrides_change_remove_and_train_appends():
     assert "GaussNoise" not in names and names[-2:] == ["CLAHE", "Sharpen"]
     affine = next(s for s in steps if s["name"] == "Affine")
     assert affine["p"] == 0.9 and affine["rotate"] == [-5, 5] and affine["scale"] == [0.85, 1.15]
-    assert _recipes.PRESETS["default"][4]["p"] == 0.3, "overrides never change the preset itself"
+    assert recipes.PRESETS["default"][4]["p"] == 0.3, "overrides never change the preset itself"
     transform = augment.build_train_transform(params, seed=1)
     assert [type(t).__name__ for t in transform.transforms][-3:] == ["CLAHE", "Sharpen", "Normalize"]
 

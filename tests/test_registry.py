@@ -17,11 +17,11 @@ import yaml
 from PIL import Image
 
 from bench._util import fresh_project, merge
-from flows import registry
-from flows._env import stage_env
-from flows.models import fetch, load_model, resolve, versions
-from tasks._common import SegflowError
-from tasks._synthetic import make_scene
+from segflow.data.synthetic import make_scene
+from segflow.errors import SegflowError
+from segflow.ops.env import stage_env
+from segflow.registry import register
+from segflow.registry.fetch import fetch, load_model, resolve, versions
 from tests.conftest import TINY
 from tests.test_pipeline import _dvc
 
@@ -43,7 +43,7 @@ def _set(project: Path, override: dict) -> None:
 def _train(project: Path, override: dict) -> dict:
     _set(project, override)
     _dvc(project, "repro")
-    return registry.register(project, commit=True)
+    return register.register(project, commit=True)
 
 
 def _segflow(project: Path, *args: str) -> subprocess.CompletedProcess:
@@ -73,21 +73,21 @@ def images(tmp_path_factory) -> Path:
 
 def test_a_stale_or_uncommitted_pipeline_is_refused(project):
     with pytest.raises(SegflowError, match=r"the pipeline is not up to date \(dvc status: .*\); run segflow run"):
-        registry.register(project)
+        register.register(project)
     _dvc(project, "repro")
     with pytest.raises(SegflowError, match=r"uncommitted pipeline results .*dvc.lock.*register.commit: true"):
-        registry.register(project, commit=False)
+        register.register(project, commit=False)
     readme = project / ".gitignore"
     readme.write_text(readme.read_text() + "\n# a local change\n")
     try:
         with pytest.raises(SegflowError, match=r"uncommitted changes to \.gitignore: commit them"):
-            registry.register(project, commit=True)
+            register.register(project, commit=True)
     finally:
         _git(project, "checkout", "--", ".gitignore")
 
 
 def test_the_first_version_goes_to_prod(project):
-    outcome = registry.register(project, commit=True)
+    outcome = register.register(project, commit=True)
     assert outcome["registered"] and outcome["promoted"] and outcome["version"] == "v0.1.0"
     assert outcome["reason"] == "nothing holds the stage yet"
     assert set(_git(project, "tag").split()) == {"segflow-model@v0.1.0", "segflow-model#prod#1"}
@@ -103,7 +103,7 @@ def test_the_first_version_goes_to_prod(project):
 
 
 def test_an_unchanged_model_is_not_registered_again(project):
-    outcome = registry.register(project, commit=True)
+    outcome = register.register(project, commit=True)
     assert not outcome["registered"] and "v0.1.0 already is this model" in outcome["reason"]
 
 

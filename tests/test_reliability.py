@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from bench._util import fresh_project, merge
-from flows._env import stage_env
+from segflow.ops.env import stage_env
 from tests.conftest import TINY
 from tests.test_pipeline import _dvc
 

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from flows.server import server_command
-from tasks._common import atomic_dir, atomic_path
-from tasks._guard import prune_scratch, stage_outputs
+from segflow.io import atomic_dir, atomic_path
+from segflow.ops.server import server_command
+from segflow.stage import prune_scratch, stage_outputs
 from tests.conftest import ROOT
 
-SOURCES = sorted(p for folder in ("tasks", "flows", "bench") for p in (ROOT / folder).glob("*.py"))
+SOURCES = sorted(p for folder in ("segflow", "tasks", "flows", "bench") for p in (ROOT / folder).rglob("*.py"))
 
 
 def _calls(path: Path):
@@ -70,7 +70,7 @@ def test_stage_outputs_are_read_as_dvc_reads_them():
 def test_a_killed_write_leaves_hidden_debris_that_the_next_write_removes(tmp_path):
     final = tmp_path / "out"
     code = (
-        "import os, sys; sys.path.insert(0, sys.argv[2]); from tasks._common import atomic_dir\n"
+        "import os, sys; sys.path.insert(0, sys.argv[2]); from segflow.io import atomic_dir\n"
         "with atomic_dir(__import__('pathlib').Path(sys.argv[1])) as tmp:\n"
         "    (tmp / 'half').write_text('x'); os.kill(os.getpid(), 9)\n"
     )
@@ -101,12 +101,12 @@ def test_scratch_of_dead_processes_is_pruned(tmp_path):
 
 
 def _start(pid: int) -> str:
-    from tasks._guard import process_identity
+    from segflow.proc import process_identity
 
     return process_identity(pid).split(":")[1]
 
 
-@pytest.mark.parametrize("name", ["tasks.params", "tasks.ingest", "flows.cli"])
+@pytest.mark.parametrize("name", ["segflow.params", "tasks.ingest", "segflow.cli", "flows.pipeline"])
 def test_importing_segflow_starts_nothing(name):
     # No import-time side effects: importing the packages creates no folders and starts no threads.
     before = set(os.listdir(ROOT))

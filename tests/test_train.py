@@ -8,26 +8,22 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tasks import _model, augment, ingest, train
-from tasks._common import SegflowError
-from tasks._data import SegmentationDataset
-from tasks._files import (
-    EVAL_PIPELINE,
-    LIVE_DIR,
-    MODEL_DIR,
-    TRAIN_PIPELINE,
-    load_transform,
-    read_manifest,
-    split_rows,
-)
-from tasks.params import IGNORE_INDEX, TrainParams, available_cores
+from segflow import augment
+from segflow.data import ingest
+from segflow.errors import SegflowError
+from segflow.layout import EVAL_PIPELINE, LIVE_DIR, MODEL_DIR, TRAIN_PIPELINE, load_transform, read_manifest, split_rows
+from segflow.params import IGNORE_INDEX, TrainParams, available_cores
+from segflow.semantic import factory, hardware, losses, store, train
+from segflow.semantic.card import ModelCard, read_card
+from segflow.semantic.dataset import SegmentationDataset
+from segflow.semantic.module import SegmentationModule
 
 SMALL = TrainParams(encoder="resnet18", encoder_depth=3, decoder_channels=[16, 8, 4])
 
 
 @pytest.mark.parametrize("name", ["ce", "dice", "focal", "lovasz", "dice_ce", "focal_dice"])
 def test_losses_are_finite_and_ignore_the_ignore_label(name):
-    loss = train.build_loss(name)
+    loss = losses.build_loss(name)
     torch.manual_seed(0)
     logits = torch.randn(2, 3, 8, 8, requires_grad=True)
     target = torch.randint(0, 3, (2, 8, 8))
@@ -43,12 +39,12 @@ def test_losses_are_finite_and_ignore_the_ignore_label(name):
 
 def test_real_small_model_overfits_one_batch():
     torch.manual_seed(0)
-    model = _model.build(SMALL, num_classes=3)
+    model = factory.build(SMALL, num_classes=3)
     images = torch.randn(2, 3, 32, 32)
     targets = torch.zeros(2, 32, 32, dtype=torch.long)
     targets[:, 4:14, 4:20] = 1
     targets[:, 18:30, 10:28] = 2
-    loss_fn = train.build_loss("dice_ce")
+    loss_fn = losses.build_loss("dice_ce")
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     first = None
     for _ in range(60):
@@ -64,9 +60,9 @@ def test_real_small_model_overfits_one_batch():
     assert accuracy > 0.95
 
 
-def _small_card(classes: int, channels: int = 3, pad_divisor: int = 32) -> _model.ModelCard:
+def _small_card(classes: int, channels: int = 3, pad_divisor: int = 32) -> ModelCard:
     """The card of a ``SMALL`` model with ``classes`` classes and ``channels`` input channels."""
-    return _model.ModelCard(
+    return ModelCard(
         arch="Unet",
         encoder="resnet18",
         encoder_depth=3,
@@ -82,12 +78,12 @@ def _small_card(classes: int, channels: int = 3, pad_divisor: int = 32) -> _mode
 
 def test_save_and_load_round_trip(tmp_path):
     torch.manual_seed(1)
-    model = _model.build(SMALL, num_classes=4).eval()
+    model = factory.build(SMALL, num_classes=4).eval()
     preprocess = tmp_path / "eval.json"
     preprocess.write_text("{}")
     card = _small_card(4)
-    written = _model.save(model, card, preprocess, tmp_path / "model")
-    loaded, loaded_card = _model.load(tmp_path / "model")
+    written = store.save(model, card, preprocess, tmp_path / "model")
+    loaded, loaded_card = store.load(tmp_path / "model")
     assert loaded_card == written == card.model_copy(update={"weights_sha256": written.weights_sha256})
     assert len(written.weights_sha256) == 64
     x = torch.randn(1, 3, 32, 32)
@@ -96,92 +92,92 @@ def test_save_and_load_round_trip(tmp_path):
     assert not (tmp_path / "model" / "model.safetensors").read_bytes().startswith(b"\x80"), "no pickle"
     # The same model saves to the same bytes, so DVC sees an unchanged output as unchanged.
     for attempt in range(3):
-        _model.save(model, card, preprocess, tmp_path / f"again{attempt}")
+        store.save(model, card, preprocess, tmp_path / f"again{attempt}")
         assert (tmp_path / f"again{attempt}" / "model.safetensors").read_bytes() == (
             tmp_path / "model" / "model.safetensors"
         ).read_bytes()
 
 
 def test_a_changed_weights_file_is_refused(tmp_path):
-    model = _model.build(SMALL, num_classes=2)
+    model = factory.build(SMALL, num_classes=2)
     preprocess = tmp_path / "eval.json"
     preprocess.write_text("{}")
     card = _small_card(2, channels=1)
-    _model.save(model, card, preprocess, tmp_path / "model")
+    store.save(model, card, preprocess, tmp_path / "model")
     weights = tmp_path / "model" / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF  # one bit of one weight
     weights.write_bytes(bytes(data))
     with pytest.raises(SegflowError, match=r"model.safetensors: its sha256 does not match .*model.json .*refusing"):
-        _model.load(tmp_path / "model")
+        store.load(tmp_path / "model")
 
 
 def test_onnx_export_is_checked_against_pytorch(tmp_path):
     pytest.importorskip("onnxruntime")
-    model = _model.build(SMALL, num_classes=3)
+    model = factory.build(SMALL, num_classes=3)
     preprocess = tmp_path / "eval.json"
     preprocess.write_text("{}")
     card = _small_card(3, pad_divisor=8)
-    written = _model.save(model, card, preprocess, tmp_path / "model", export=["onnx"])
+    written = store.save(model, card, preprocess, tmp_path / "model", export=["onnx"])
     entry = written.exports["onnx"]
     assert entry["file"] == "model.onnx" and entry["max_abs_logit_diff"] < 1e-3
-    assert _model.verify(tmp_path / "model", written, "onnx") == tmp_path / "model" / "model.onnx"
+    assert store.verify(tmp_path / "model", written, "onnx") == tmp_path / "model" / "model.onnx"
 
 
 def test_local_encoder_weights_are_loaded(tmp_path):
-    source = _model.build(SMALL, num_classes=2)
+    source = factory.build(SMALL, num_classes=2)
     weights = tmp_path / "encoder.safetensors"
     save_file({k: v.contiguous() for k, v in source.encoder.state_dict().items()}, weights)
-    model = _model.build(SMALL.model_copy(update={"encoder_weights": str(weights)}), num_classes=2)
+    model = factory.build(SMALL.model_copy(update={"encoder_weights": str(weights)}), num_classes=2)
     for key, value in source.encoder.state_dict().items():
         assert torch.equal(model.encoder.state_dict()[key], value), key
     # A whole-model checkpoint (encoder.* keys) works too.
     whole = tmp_path / "whole.pth"
     torch.save(source.state_dict(), whole)
-    model = _model.build(SMALL.model_copy(update={"encoder_weights": str(whole)}), num_classes=2)
+    model = factory.build(SMALL.model_copy(update={"encoder_weights": str(whole)}), num_classes=2)
     assert torch.equal(model.encoder.conv1.weight, source.encoder.conv1.weight)
 
 
 def test_partly_fitting_weights_load_with_a_warning(tmp_path, caplog):
-    source = _model.build(SMALL, num_classes=2)
+    source = factory.build(SMALL, num_classes=2)
     state = {k: v.contiguous() for k, v in source.encoder.state_dict().items() if k.startswith("conv1")}
     state["bn1.weight"] = torch.zeros(5)  # wrong shape
     weights = tmp_path / "part.safetensors"
     save_file(state, weights)
-    model = _model.build(SMALL.model_copy(update={"encoder_weights": str(weights)}), num_classes=2)
+    model = factory.build(SMALL.model_copy(update={"encoder_weights": str(weights)}), num_classes=2)
     assert torch.equal(model.encoder.conv1.weight, source.encoder.conv1.weight)
     assert "only 1 of the encoder's" in caplog.text and "1 shape mismatches" in caplog.text
 
 
 def test_weight_problems_are_clear_errors(tmp_path):
     with pytest.raises(SegflowError, match="does not exist"):
-        _model.build(SMALL.model_copy(update={"encoder_weights": str(tmp_path / "nope.pth")}), 2)
+        factory.build(SMALL.model_copy(update={"encoder_weights": str(tmp_path / "nope.pth")}), 2)
     with pytest.raises(SegflowError, match="set it to null for random initialisation"):
-        _model.build(SMALL.model_copy(update={"encoder_weights": "imagenet"}), 2)  # hub, offline
+        factory.build(SMALL.model_copy(update={"encoder_weights": "imagenet"}), 2)  # hub, offline
     with pytest.raises(SegflowError, match=r"Wrong pretrained weights `imagnet`.*'imagenet'"):
-        _model.build(SMALL.model_copy(update={"encoder_weights": "imagnet"}), 2)  # a typo, not the network
+        factory.build(SMALL.model_copy(update={"encoder_weights": "imagnet"}), 2)  # a typo, not the network
     alien = tmp_path / "alien.safetensors"
     save_file({"foo.weight": torch.zeros(3)}, alien)
     with pytest.raises(SegflowError, match="none of its 1 tensors fit"):
-        _model.build(SMALL.model_copy(update={"encoder_weights": str(alien)}), 2)
+        factory.build(SMALL.model_copy(update={"encoder_weights": str(alien)}), 2)
 
 
 def test_model_option_mistakes_are_clear_errors():
     with pytest.raises(SegflowError, match="unknown encoder 'resnet19'; did you mean resnet18"):
-        _model.build(SMALL.model_copy(update={"encoder": "resnet19"}), 2)
+        factory.build(SMALL.model_copy(update={"encoder": "resnet19"}), 2)
     with pytest.raises(SegflowError, match="arch FPN has no such option"):
-        _model.build(SMALL.model_copy(update={"arch": "FPN"}), 2)
+        factory.build(SMALL.model_copy(update={"arch": "FPN"}), 2)
 
 
 def test_precision_auto_is_fp32_on_cpu_and_mixed_on_gpu(monkeypatch):
-    assert train.resolve_precision("auto", "cpu") == "32-true"
-    assert train.resolve_precision("16-mixed", "gpu") == "16-mixed"
+    assert hardware.resolve_precision("auto", "cpu") == "32-true"
+    assert hardware.resolve_precision("16-mixed", "gpu") == "16-mixed"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
-    assert train.resolve_precision("auto", "auto") == "bf16-mixed"
-    assert train.resolve_precision("auto", "cpu") == "32-true"
+    assert hardware.resolve_precision("auto", "auto") == "bf16-mixed"
+    assert hardware.resolve_precision("auto", "cpu") == "32-true"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
-    assert train.resolve_precision("auto", "gpu") == "16-mixed"
+    assert hardware.resolve_precision("auto", "gpu") == "16-mixed"
 
 
 def test_stage_run_writes_model_and_metrics(tiny_params, tiny_paths):
@@ -190,7 +186,7 @@ def test_stage_run_writes_model_and_metrics(tiny_params, tiny_paths):
     summary = train.run(tiny_params, tiny_paths)
     model_dir = tiny_paths.train / MODEL_DIR
     assert sorted(p.name for p in model_dir.iterdir()) == ["model.json", "model.safetensors", "preprocess.json"]
-    card = _model.read_card(model_dir)
+    card = read_card(model_dir)
     assert card.classes == tiny_params.classes and card.encoder_depth == 3
     assert card.training["epochs"] == summary["epochs"] == 1
     assert 0.0 <= summary["best_val_iou_macro"] <= 1.0
@@ -204,7 +200,7 @@ def test_stage_run_writes_model_and_metrics(tiny_params, tiny_paths):
     assert perf["startup_s"] > 0 and perf["first_step_s"] > 0
     waits = (tiny_paths.train / LIVE_DIR / "plots" / "metrics" / "perf" / "data_wait_share.tsv").read_text()
     assert len(waits.splitlines()) == 1 + summary["epochs"]  # header, one row per epoch
-    model, _ = _model.load(model_dir)
+    model, _ = store.load(model_dir)
     with torch.no_grad():
         assert model(torch.randn(1, 3, 32, 32)).shape == (1, 4, 32, 32)
 
@@ -308,8 +304,8 @@ def test_cached_samples_equal_decoded_ones_and_the_budget_is_kept(tiny_sets):
 
 
 def test_channels_last_and_compile_are_applied_to_the_model():
-    module = train.SegmentationModule(
-        _model.build(SMALL, num_classes=2), SMALL, ["a", "b"], channels_last=True, compile=True
+    module = SegmentationModule(
+        factory.build(SMALL, num_classes=2), SMALL, ["a", "b"], channels_last=True, compile=True
     )
     convs = [m for m in module.model.modules() if isinstance(m, torch.nn.Conv2d)]
     assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
@@ -318,7 +314,7 @@ def test_channels_last_and_compile_are_applied_to_the_model():
     assert not any("_orig_mod" in key for key in module.state_dict())
     images, *_ = module.on_after_batch_transfer((torch.randn(2, 3, 32, 32), None, None), 0)
     assert images.is_contiguous(memory_format=torch.channels_last)
-    plain = train.SegmentationModule(_model.build(SMALL, num_classes=2), SMALL, ["a", "b"])
+    plain = SegmentationModule(factory.build(SMALL, num_classes=2), SMALL, ["a", "b"])
     assert plain.net is plain.model and not plain.channels_last
     assert plain.model.encoder.conv1.weight.is_contiguous()
 
@@ -339,10 +335,10 @@ def test_stage_trains_in_channels_last_with_sgd_clipping_accumulation_and_saves_
     params = tiny_params.model_copy(update={"train": tiny_params.train.model_copy(update=update)})
     ingest.run(params, tiny_paths)
     augment.run(params, tiny_paths)
-    with caplog.at_level("INFO", logger="tasks.train"):
+    with caplog.at_level("INFO", logger="segflow"):
         summary = train.run(params, tiny_paths)
     assert "channels_last" in caplog.text and "decoded every epoch (train.cache_mb is 0)" in caplog.text
     assert summary["epochs"] == 1
-    model, _ = _model.load(tiny_paths.train / MODEL_DIR)
+    model, _ = store.load(tiny_paths.train / MODEL_DIR)
     with torch.no_grad():
         assert model(torch.randn(1, 3, 32, 32)).shape == (1, 4, 32, 32)

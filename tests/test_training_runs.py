@@ -22,10 +22,14 @@ import torch
 import yaml
 
 from bench._util import fresh_project, merge
-from flows._env import stage_env
-from tasks import _checkpoints, _data, _metrics, _model, augment, ingest, train
-from tasks._files import EVAL_PIPELINE, MODEL_DIR, load_transform, read_manifest, split_rows
-from tasks.params import load_params
+from segflow import augment
+from segflow.data import ingest
+from segflow.layout import EVAL_PIPELINE, MODEL_DIR, load_transform, read_manifest, split_rows
+from segflow.ops.env import stage_env
+from segflow.params import load_params
+from segflow.semantic import checkpoints, losses, metrics, store, train
+from segflow.semantic import dataset as datasets
+from segflow.semantic.module import NonFiniteLoss, build_schedule
 from tests.conftest import TINY
 
 KILLABLE = {"train": {"epochs": 6}}
@@ -91,7 +95,7 @@ def test_a_killed_run_resumes_and_ends_bit_identical_to_an_uninterrupted_one(pro
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         folders = _checkpoint_folders(project)
-        last = folders[0] / _checkpoints.LAST if folders else None
+        last = folders[0] / checkpoints.LAST if folders else None
         if last and last.is_file() and torch.load(last, weights_only=False)["epoch"] >= 1:
             break
         time.sleep(0.05)
@@ -112,7 +116,7 @@ def test_a_killed_run_resumes_and_ends_bit_identical_to_an_uninterrupted_one(pro
 
 
 def test_a_nan_loss_stops_the_run_with_one_line_naming_epoch_step_and_causes(tiny_params, tiny_paths, monkeypatch):
-    real = train.build_loss
+    real = losses.build_loss
 
     class Poisoned(torch.nn.Module):
         """The real loss for four steps, then NaN (as a diverging run would give)."""
@@ -130,7 +134,7 @@ def test_a_nan_loss_stops_the_run_with_one_line_naming_epoch_step_and_causes(tin
     params = tiny_params.model_copy(update={"train": tiny_params.train.model_copy(update={"epochs": 3})})
     ingest.run(params, tiny_paths)
     augment.run(params, tiny_paths)
-    with pytest.raises(train.NonFiniteLoss) as caught:
+    with pytest.raises(NonFiniteLoss) as caught:
         train.run(params, tiny_paths)
     message = str(caught.value)
     per_epoch = len(split_rows(read_manifest(tiny_paths.ingest), "train")) // 4  # batch 4, last partial dropped
@@ -198,7 +202,7 @@ def test_patience_without_a_validation_split_is_a_clear_error(tmp_path):
 def test_schedules_warm_up_and_end_where_they_should(name):
     weight = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([weight], lr=0.1)
-    schedule = train.build_schedule(optimizer, name, 0.1, total=100, warmup=10)
+    schedule = build_schedule(optimizer, name, 0.1, total=100, warmup=10)
     rates = []
     for _ in range(100):
         rates.append(optimizer.param_groups[0]["lr"])
@@ -232,19 +236,19 @@ def test_ddp_two_cpu_processes_agree_and_log_the_whole_val_split(project):
     # The IoU logged for the kept epoch is the IoU of the saved model over the whole val split.
     params = load_params(project / "params.yaml")
     paths = params.paths.under(project)
-    model, card = _model.load(paths.train / MODEL_DIR)
+    model, card = store.load(paths.train / MODEL_DIR)
     rows = split_rows(read_manifest(paths.ingest), "val")
-    dataset = _data.SegmentationDataset(paths.ingest, rows, load_transform(paths.augment / EVAL_PIPELINE))
+    dataset = datasets.SegmentationDataset(paths.ingest, rows, load_transform(paths.augment / EVAL_PIPELINE))
     totals = None
     with torch.no_grad():
         # The batches the two processes validated (the same batches give the same arithmetic).
-        shards = [_data.same_shape_batches(rows, params.train.batch_size, rank, 2) for rank in (0, 1)]
+        shards = [datasets.same_shape_batches(rows, params.train.batch_size, rank, 2) for rank in (0, 1)]
         for batch in shards[0] + shards[1]:
             images = torch.stack([dataset[i][0] for i in batch])
             masks = torch.stack([dataset[i][1] for i in batch])
-            counts = torch.stack([c.sum(0) for c in _metrics.confusion_counts(model(images).argmax(1), masks, 4)])
+            counts = torch.stack([c.sum(0) for c in metrics.confusion_counts(model(images).argmax(1), masks, 4)])
             totals = counts if totals is None else totals + counts
-    whole = _metrics.summarize(*(t[None] for t in totals), params.classes)["iou"]["macro"]
+    whole = metrics.summarize(*(t[None] for t in totals), params.classes)["iou"]["macro"]
     assert card.training["best_val_iou_macro"] == pytest.approx(whole, abs=1e-6)
 
 
@@ -257,9 +261,7 @@ def test_a_checkpoint_of_other_params_data_or_code_is_not_resumed(tmp_path):
     code.write_text("x = 1\n")
 
     def key(p=params) -> str:
-        return _checkpoints.run_key(
-            p.train.model_dump(mode="json", exclude=set(_checkpoints.SPEED_ONLY)), [data], [code]
-        )
+        return checkpoints.run_key(p.train.model_dump(mode="json", exclude=set(checkpoints.SPEED_ONLY)), [data], [code])
 
     base = key()
     assert key() == base
@@ -275,7 +277,7 @@ def test_a_checkpoint_of_other_params_data_or_code_is_not_resumed(tmp_path):
     for age, name in enumerate(["train-old", "train-older", "train-oldest"]):
         (root / name).mkdir(parents=True)
         os.utime(root / name, (time.time() - 100 * (age + 1),) * 2)
-    mine = _checkpoints.folder(root, "new")
+    mine = checkpoints.folder(root, "new")
     assert sorted(p.name for p in root.iterdir()) == ["train-new", "train-old", "train-older"] and mine.is_dir()
-    _checkpoints.finished(mine)
+    checkpoints.finished(mine)
     assert not mine.exists()

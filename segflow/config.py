@@ -1,0 +1,81 @@
+"""``segflow params FILE``: lay a ready configuration (e.g. ``configs/isbi2012.yaml``) over params.yaml.
+
+The file holds only the keys it changes. They are merged into params.yaml key
+by key (nested sections merged, lists and values replaced), the comments and
+order of params.yaml are kept, and the result is validated as a whole before
+params.yaml is replaced (atomically), so a bad configuration never leaves a
+half-applied file behind.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import yaml
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap, CommentedSeq
+
+from segflow.errors import SegflowError
+from segflow.io import atomic_path
+from segflow.params import PARAMS_FILE, parse_params
+
+
+def _flow(value: object) -> object:
+    """A value as params.yaml writes its short mappings and lists: on one line, ``{a: 1}``, ``[x, y]``."""
+    if isinstance(value, dict):
+        value = CommentedMap((k, _flow(v)) for k, v in value.items())
+    elif isinstance(value, list):
+        value = CommentedSeq(_flow(v) for v in value)
+    else:
+        return value
+    value.fa.set_flow_style()
+    return value
+
+
+def _merge(target: CommentedMap, override: dict, prefix: str, changed: list[str]) -> None:
+    for key, value in override.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            _merge(target[key], value, f"{name}.", changed)
+        elif target.get(key, object()) != value:
+            target[key] = _flow(value)
+            changed.append(name)
+
+
+def _null(representer, _value) -> object:
+    return representer.represent_scalar("tag:yaml.org,2002:null", "null")
+
+
+def apply(root: Path, config: Path) -> list[str]:
+    """Merge ``config`` into ``root``/params.yaml; return the dotted keys whose value changed.
+
+    Raises:
+        SegflowError: the file is missing or not a mapping, or the merged params are invalid
+            (params.yaml is then left as it was).
+    """
+    params_file = root / PARAMS_FILE
+    try:
+        override = yaml.safe_load(config.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SegflowError(f"{config}: not found; give a YAML file of params to apply (see configs/)") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        raise SegflowError(f"{config}{where}: not valid YAML ({getattr(error, 'problem', error)})") from None
+    if not isinstance(override, dict):
+        raise SegflowError(f"{config}: expected a mapping of params sections (like params.yaml), got {override!r}")
+    editor = YAML()  # round-trip: comments and key order survive
+    editor.preserve_quotes = True
+    editor.width = 4096  # no wrapping: one key, one line
+    editor.representer.add_representer(type(None), _null)
+    document = editor.load(params_file.read_text(encoding="utf-8"))
+    changed: list[str] = []
+    _merge(document, override, "", changed)
+    buffer = io.StringIO()
+    editor.dump(document, buffer)
+    text = buffer.getvalue()
+    parse_params(yaml.safe_load(text), source=f"{params_file} (after applying {config})")
+    with atomic_path(params_file) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return changed

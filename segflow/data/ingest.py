@@ -1,0 +1,312 @@
+"""Stage ``ingest``: bring a dataset into the project's layout, checked and normalised.
+
+Sources (``ingest.source``): ``synthetic``, the built-in demo scenes, and
+``folder``, the user's images and masks in a folder or an archive at
+``ingest.path`` (see :mod:`segflow.data.folder` for the layouts). Each source yields
+work items; this stage decodes them in parallel worker processes (a bounded
+number in flight), validates them (:mod:`segflow.data.checks` holds every rule),
+normalises them and writes ``${paths.ingest}/``, all at once or not at all:
+
+- ``images/<id>.png``: 8-bit images, one channel (grayscale) or three (RGB);
+- ``masks/<id>.png``: one-channel class ids (0 = ``classes[0]``, 255 = ignore);
+- ``manifest.csv``: one row per sample: id, split, group, size, channels,
+  file names, source files and their sha256, pixels per class;
+- ``report.json`` / ``report.md``: counts and class shares per split, image
+  sizes, and every problem found with what was done about it.
+
+With ``layout: paired`` the split is a seeded hash of each sample's id (or of
+its ``ingest.group``), so adding images never moves an existing one; with
+``split_folders`` the dataset's own split is kept. The user's files are only read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import multiprocessing
+import shutil
+import sys
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from segflow.data import archive
+from segflow.data import folder
+from segflow.data import report
+from segflow.data import splits
+from segflow.data import synthetic
+from segflow.data.checks import Problem, Problems
+from segflow.errors import SegflowError
+from segflow.io import atomic_dir, write_png
+from segflow.stage import stage_main
+from segflow.data.decode import MaskEncoding
+from segflow.layout import IMAGES, MANIFEST, MASKS, REPORT_JSON, REPORT_MD
+from segflow.params import IGNORE_INDEX, IngestParams, Paths
+from segflow.params import Params
+
+log = logging.getLogger(__name__)
+
+# fork starts a worker in milliseconds with everything already imported; the stage runs no threads
+# that a fork could copy mid-lock. Elsewhere (macOS, Windows) spawn is the safe default.
+_START_METHOD = "fork" if sys.platform == "linux" else "spawn"
+
+
+def class_counts(mask: np.ndarray, classes: list[str]) -> dict:
+    """Pixels per class name, and ignored pixels, of one (H, W) uint8 class-id mask."""
+    counts = np.bincount(mask.ravel(), minlength=256)
+    row = {f"px_{name}": int(count) for name, count in zip(classes, counts, strict=False)}
+    row["px_ignored"] = int(counts[IGNORE_INDEX])
+    return row
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What every worker needs besides its item."""
+
+    out: Path
+    classes: tuple[str, ...]
+    encoding: MaskEncoding
+    channels: str | int
+    max_pixels: int
+    scale_16bit: str
+
+
+def _ingest_one(item, job: _Job) -> dict | Problem:
+    """Read, check, normalise and write one sample (runs in a worker process).
+
+    Returns:
+        Its manifest row, or the problem that rules it out.
+    """
+    try:
+        image, raw_mask, provenance, stored = item.read(
+            job.max_pixels, job.scale_16bit, job.encoding.palette is not None
+        )
+        if image.shape[:2] != raw_mask.shape[:2]:
+            (ih, iw), (mh, mw) = image.shape[:2], raw_mask.shape[:2]
+            raise Problem(
+                "size_mismatch", item.mask_name, mask_size=f"{mw}x{mh}", image=item.image_name, image_size=f"{iw}x{ih}"
+            )
+        mask = job.encoding.encode(raw_mask, item.mask_name)
+    except Problem as problem:
+        return problem
+    if job.channels == 3 and image.shape[2] == 1:
+        image, stored["image"] = np.repeat(image, 3, axis=2), None
+    elif job.channels == 1 and image.shape[2] == 3:
+        image, stored["image"] = np.asarray(Image.fromarray(image).convert("L"))[..., None], None  # ITU-R 601 luma
+    if stored.get("mask") is not None and not np.array_equal(mask, raw_mask):
+        stored["mask"] = None
+    # A source file that already is the PNG ingest would write is copied: encoding is most of the cost.
+    for folder, array, key in ((IMAGES, image, "image"), (MASKS, mask, "mask")):
+        target = job.out / folder / f"{item.id}.png"
+        if stored.get(key) is not None:
+            target.write_bytes(stored[key])
+        else:
+            write_png(target, array)
+    return {
+        "id": item.id,
+        "split": item.split,
+        "height": image.shape[0],
+        "width": image.shape[1],
+        "channels": image.shape[2],
+        "image": f"{IMAGES}/{item.id}.png",
+        "mask": f"{MASKS}/{item.id}.png",
+        **provenance,
+        "sha256_pixels": hashlib.sha256(f"{image.shape}".encode() + image.tobytes()).hexdigest(),
+        **class_counts(mask, list(job.classes)),
+    }
+
+
+def _run_all(items: list, job: _Job, workers: int) -> Iterator[dict | Problem]:
+    """Results in item order; at most ``2 * workers`` samples are being decoded at once."""
+    if workers <= 1 or len(items) < 2:
+        yield from (_ingest_one(item, job) for item in items)
+        return
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(_START_METHOD))
+    try:
+        pending = deque()
+        for item in items:
+            pending.append(pool.submit(_ingest_one, item, job))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _encoding(cfg: IngestParams, classes: list[str]) -> MaskEncoding:
+    palette = None
+    if cfg.palette is not None:
+        palette = {tuple(colour): classes.index(name) for name, colour in cfg.palette.items()}
+    ignore = frozenset(tuple(v) if isinstance(v, tuple | list) else v for v in cfg.ignore_values)
+    return MaskEncoding(len(classes), cfg.mask_values, palette, ignore)
+
+
+def _items(params: Params, scratch: Path, problems: Problems) -> list:
+    """The source's work items (and, for archives, their unpacked files under ``scratch``)."""
+    cfg = params.ingest
+    if cfg.source == "synthetic":
+        synth = cfg.synthetic
+        # segflow/params.py has already checked the class count and weights against the generator.
+        return synthetic.items(
+            params.seed,
+            synth.num_images,
+            len(params.classes),
+            synth.image_size,
+            synth.min_objects,
+            synth.max_objects,
+            synth.noise,
+            synth.class_weights,
+        )
+    path = cfg.path
+    if not path.exists():
+        raise SegflowError(
+            f"ingest.path: {path} does not exist; put the dataset there (dvc add / dvc import-url) or fix the path"
+        )
+    if archive.is_archive(path):
+        scratch.mkdir()
+        for problem in archive.extract(path, scratch, str(path)):
+            problems.add(problem)
+        return folder.discover(scratch, cfg, f"{path}:", problems)
+    if not path.is_dir():
+        raise SegflowError(
+            f"ingest.path: {path} is neither a folder nor an archive ({', '.join(archive.ARCHIVE_SUFFIXES)})"
+        )
+    return folder.discover(path, cfg, f"{str(path).rstrip('/')}/", problems)
+
+
+def _drop(out: Path, row: dict) -> None:
+    (out / row["image"]).unlink()
+    (out / row["mask"]).unlink()
+
+
+def _collect(items: list, job: _Job, params: Params, problems: Problems) -> list[dict]:
+    """Decode every item; split, deduplicate and make channels agree; rows in id order."""
+    cfg = params.ingest
+    groups = {}
+    usable = []
+    for item in items:
+        try:
+            groups[item.id] = splits.group_of(item.id, cfg.group, item.image_name)
+            usable.append(item)
+        except Problem as problem:
+            problems.add(problem)
+    rows = []
+    for result in _run_all(usable, job, cfg.resolved_workers()):
+        if isinstance(result, Problem):
+            problems.add(result)
+        else:
+            result["group"] = groups[result["id"]]
+            rows.append(result)
+    if not rows:
+        raise SegflowError(
+            Problem("empty_dataset", cfg.path, expected=_expected(cfg)).line()
+            if cfg.source == "folder"
+            else "ingest: no samples"
+        )
+    if cfg.source == "synthetic" or (cfg.layout == "paired" and cfg.split_lists is None):
+        keys = [r["group"] for r in rows]
+        fixed = splits.fixed_groups(rows, cfg.split_ids or {})
+        for row, split in zip(
+            rows, splits.assign_splits(keys, params.seed, cfg.val_fraction, cfg.test_fraction, fixed), strict=True
+        ):
+            row["split"] = split
+    rows = _deduplicate(rows, job.out, problems)
+    if job.channels == "auto" and len({r["channels"] for r in rows}) > 1:
+        # Mixed grayscale and colour: everything becomes RGB.
+        for row in (r for r in rows if r["channels"] == 1):
+            path = job.out / row["image"]
+            with Image.open(path) as img:
+                write_png(path, np.asarray(img.convert("RGB")))
+            row["channels"] = 3
+    return rows
+
+
+def _expected(cfg: IngestParams) -> str:
+    if cfg.layout == "paired":
+        return f"{cfg.images_dir}/ and {cfg.masks_dir}/"
+    return ", ".join(f"{d}/ + {d}{cfg.annot_suffix}/" for d in cfg.split_dirs.model_dump().values())
+
+
+def _deduplicate(rows: list[dict], out: Path, problems: Problems) -> list[dict]:
+    """Keep the first (by id) of each set of pixel-identical images; the others are problems."""
+    first: dict[str, dict] = {}
+    dropped = set()
+    for row in rows:
+        kept = first.setdefault(row["sha256_pixels"], row)
+        if kept is row:
+            continue
+        straddle = f" (split {row['split']}, the other is in {kept['split']})" if row["split"] != kept["split"] else ""
+        problems.add(Problem("duplicate", row["source_image"], other=kept["source_image"], straddle=straddle))
+        _drop(out, row)
+        dropped.add(row["id"])
+    return [r for r in rows if r["id"] not in dropped]
+
+
+def run(params: Params, paths: Paths) -> pd.DataFrame:
+    """Write images, masks, the manifest and the data report under ``paths.ingest`` (atomically).
+
+    Returns:
+        The manifest.
+
+    Raises:
+        SegflowError: the source is missing or empty, a split is empty, or (``on_bad: stop``) a bad file.
+    """
+    cfg = params.ingest
+    problems = Problems(cfg.on_bad)
+    with atomic_dir(paths.ingest) as out:
+        (out / IMAGES).mkdir()
+        (out / MASKS).mkdir()
+        scratch = out / ".source"
+        job = _Job(
+            out, tuple(params.classes), _encoding(cfg, params.classes), cfg.channels, cfg.max_pixels, cfg.scale_16bit
+        )
+        rows = _collect(_items(params, scratch, problems), job, params, problems)
+        shutil.rmtree(scratch, ignore_errors=True)
+        columns = [
+            "id",
+            "split",
+            "group",
+            "height",
+            "width",
+            "channels",
+            "image",
+            "mask",
+            "source_image",
+            "source_mask",
+            "sha256_image",
+            "sha256_mask",
+            "sha256_pixels",
+        ]
+        columns += [f"px_{name}" for name in params.classes] + ["px_ignored"]
+        manifest = pd.DataFrame(rows).reindex(columns=columns).sort_values("id").reset_index(drop=True)
+        _check_splits(manifest, cfg)
+        manifest.to_csv(out / MANIFEST, index=False)
+        data_report = report.build(manifest, params.classes, problems.records, report.describe_source(cfg))
+        (out / REPORT_JSON).write_text(report.to_json(data_report), encoding="utf-8")
+        (out / REPORT_MD).write_text(report.to_markdown(data_report), encoding="utf-8")
+    log.info("%s", report.summary_line(data_report, paths.ingest))
+    for record in problems.records:
+        log.warning("skipped: %s", record["message"])
+    return manifest
+
+
+def _check_splits(manifest: pd.DataFrame, cfg: IngestParams) -> None:
+    """A dataset that brings its own split must give training and test images (evaluate scores the test split)."""
+    if cfg.source != "folder" or (cfg.layout == "paired" and cfg.split_lists is None):
+        return
+    for split in ("train", "test"):
+        if (manifest["split"] == split).any():
+            continue
+        if cfg.layout == "split_folders":
+            folder = getattr(cfg.split_dirs, split)
+            where = f"layout: split_folders reads {folder}/ + {folder}{cfg.annot_suffix}/"
+        else:
+            where = f"ingest.split_lists.{split} names none that could be read"
+        raise SegflowError(f"{cfg.path}: no {split} images ({where}); add them")

@@ -1,0 +1,106 @@
+"""The files stages hand to each other: their names and their readers.
+
+Kept apart from the stage modules so that a stage depends (in dvc.yaml and in
+Python) on this small module rather than on another stage's code.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pandas as pd
+
+from segflow.errors import SegflowError
+
+# ${paths.ingest}/
+MANIFEST = "manifest.csv"
+IMAGES = "images"
+MASKS = "masks"
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+# ${paths.augment}/
+TRAIN_PIPELINE = "train.json"
+EVAL_PIPELINE = "eval.json"
+AUGMENT_PREVIEW = "preview.png"
+# ${paths.train}/
+MODEL_DIR = "model"
+LIVE_DIR = "live"
+# ${paths.evaluate}/
+METRICS = "metrics.json"
+SPEED = "speed.json"
+PER_CLASS = "per_class.csv"
+PER_IMAGE = "per_image.csv"
+PREDICTIONS = "predictions.png"
+
+
+def read_manifest(ingest_dir: Path) -> pd.DataFrame:
+    """Read the manifest ingest wrote.
+
+    Raises:
+        SegflowError: it is missing (ingest has not run).
+    """
+    path = Path(ingest_dir) / MANIFEST
+    if not path.is_file():
+        raise SegflowError(f"{path}: not found; run the ingest stage first (dvc repro ingest)")
+    manifest = pd.read_csv(path, dtype={"id": str, "split": str, "group": str}, keep_default_na=False)
+    manifest.attrs["path"] = str(path)  # for error messages about its contents
+    return manifest
+
+
+def image_channels(manifest: pd.DataFrame) -> int:
+    """The channel count of the dataset's images (ingest makes them agree).
+
+    Raises:
+        SegflowError: the manifest mixes channel counts (written by something other than ingest).
+    """
+    counts = sorted(set(manifest["channels"].tolist())) if "channels" in manifest else [3]
+    if len(counts) != 1:
+        raise SegflowError(
+            f"{manifest.attrs.get('path', MANIFEST)}: images have {counts} channels; rerun dvc repro ingest"
+        )
+    return int(counts[0])
+
+
+def split_rows(manifest: pd.DataFrame, split: str, *, required: bool = True) -> pd.DataFrame:
+    """The manifest rows of one split, in id order.
+
+    Raises:
+        SegflowError: ``required`` and the split has no rows.
+    """
+    rows = manifest[manifest["split"] == split].sort_values("id").reset_index(drop=True)
+    if required and rows.empty:
+        fix = (
+            f"rerun ingest with a larger ingest.{split}_fraction"
+            if split != "train"
+            else "lower ingest.val_fraction / ingest.test_fraction"
+        )
+        raise SegflowError(f"{manifest.attrs.get('path', MANIFEST)}: no '{split}' images; {fix}")
+    return rows
+
+
+def load_transform(path: Path, seed: int | None = None):
+    """Load a pipeline the augment stage saved; ``A.save`` drops the seed, so set it again.
+
+    Returns:
+        albumentations.Compose.
+
+    Raises:
+        SegflowError: the file is missing or is not an albumentations pipeline.
+    """
+    # Imported here: albumentations imports torch (seconds), which ingest never needs.
+    import albumentations as A
+
+    path = Path(path)
+    if not path.is_file():
+        raise SegflowError(f"{path}: not found; run the augment stage first (dvc repro augment)")
+    try:
+        with warnings.catch_warnings():
+            # albumentations 2.0 writes PadIfNeeded's derived `padding` into the file and then warns about it on load.
+            warnings.filterwarnings("ignore", message=r"Argument\(s\) 'padding' are not valid", category=UserWarning)
+            transform = A.load(str(path))
+    except (ValueError, KeyError, TypeError) as error:
+        raise SegflowError(f"{path}: not an albumentations pipeline ({error}); rerun dvc repro augment") from None
+    if seed is not None:
+        transform.set_random_seed(seed)
+    return transform

@@ -1,0 +1,238 @@
+"""One DVC stage as one Prefect task: launched on a leash, its output logged at the right level.
+
+The task runs ``dvc repro --single-item <stage>`` (so DVC decides, records
+and caches exactly as ``dvc repro`` would), streams each line into the run's
+log as INFO, WARNING or ERROR (DVC's git advice and library tips left out),
+turns ``epoch N/M`` lines into a progress artifact, and ends in a state whose
+message is the stage's own one-line error. Bad params or data fail at once;
+only failures that can change (a killed process, a busy lock) are retried.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import subprocess
+import sys
+import time
+from collections import deque
+from collections.abc import Iterator
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.states import Completed, Failed
+
+from segflow.ops.leash import stop_group
+from segflow.proc import process_identity
+from segflow.stage import PARENT_ENV, restore
+
+#: Stages that hold the GPU: at most one of them runs at a time across all runs (Prefect limit "gpu").
+GPU_STAGES = {"train"}
+GPU_LIMIT = "gpu"
+
+# Lines that only repeat advice for people at a terminal.
+_NOISE = (
+    re.compile(r"^(To track the changes with git, run:|To enable auto staging, run:|Use `dvc push` to send)"),
+    re.compile(r"^\s*(git add |dvc config core\.autostage)"),
+    re.compile(r"^(💡 Tip:|GPU available:|TPU available:|HPU available:|Loading `train_dataloader` to estimate)"),
+    re.compile(r"_pytree\.py:\d+: `isinstance\(treespec, LeafSpec\)` is deprecated"),
+)
+_ERROR = re.compile(r"^(segflow \w+: error:|ERROR:|Traceback|\w+Error: )")
+_WARNING = re.compile(r"^(WARNING:|\[\w+\] WARNING |segflow \w+: stopped|.*\bWarning: )|restored the last good")
+_EPOCH = re.compile(r"epoch (\d+)/(\d+): ")
+#: Exit statuses of a stage stopped by a signal (128 + SIGINT/SIGTERM, or killed: -9 / 137).
+_STOPPED = {130, 143, 137, -9, -15}
+
+
+def level_of(line: str) -> str | None:
+    """The log level a stage's output line deserves, or None for lines to leave out."""
+    if any(pattern.search(line) for pattern in _NOISE):
+        return None
+    if _ERROR.search(line):
+        return "ERROR"
+    if _WARNING.search(line):
+        return "WARNING"
+    return "INFO"
+
+
+class StageFailed(RuntimeError):
+    """A DVC stage exited non-zero; the message carries its own last error line."""
+
+    def __init__(self, message: str, retryable: bool = False):
+        super().__init__(message)
+        self.retryable = retryable
+
+
+def failure_reason(stage: str, lines: list[str] | deque[str], code: int) -> str:
+    """The most useful line of a failed stage's output: its own one-line error if it printed one.
+
+    DVC's "is busy" error names the blocking processes on the lines after it: they join it on one line.
+    """
+    lines = list(lines)
+    for prefix in ("segflow ", "ERROR"):
+        found = [i for i, line in enumerate(lines) if line.startswith(prefix)]
+        if found:
+            line = lines[found[-1]]
+            # The stage's own line already names the stage; keep what it says.
+            line = re.sub(r"^segflow \w+: error: ", "", line)
+            if "is busy, it is being blocked by:" in line:
+                blockers = [b.strip() for b in lines[found[-1] + 1 :] if b.strip().startswith("(PID")]
+                line = f"{line} {'; '.join(blockers)} (wait for it to finish, or stop it)"
+            return f"stage '{stage}' failed: {line}"
+    return f"stage '{stage}' failed with exit code {code}: {lines[-1] if lines else 'no output'}"
+
+
+def retryable(code: int, lines: list[str] | deque[str]) -> bool:
+    """Whether trying again could help: the stage was killed, or DVC found the project locked.
+
+    A stage's own error (exit status 2: bad params or data) will fail the same way again.
+    """
+    text = "\n".join(lines)
+    return code in _STOPPED or "Unable to acquire lock" in text or "is busy, it is being blocked" in text
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Stop a stage and everything it started, and wait until all of it is gone.
+
+    The stage runs in its own session (DVC starts its command through a shell); SIGTERM lets it put back
+    its last good outputs (segflow/stage.py) before it exits, SIGKILL follows for what is left after 30 s.
+    """
+    stop_group(proc.pid, grace=30)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=5)
+
+
+def stage_command(stage: str, force: bool) -> list[str]:
+    """``dvc repro --single-item <stage>``, on a leash: it stops if this process dies (segflow/ops/leash.py)."""
+    dvc = [sys.executable, "-m", "dvc", "repro", "--single-item", stage, *(["--force"] if force else [])]
+    return [sys.executable, "-m", "segflow.ops.leash", process_identity(), "--", *dvc]
+
+
+def _env(**more: str) -> dict[str, str]:
+    """The stage's environment: who owns it (the stage watches that process) and which flow run it serves."""
+    from prefect.runtime import flow_run
+    from prefect.settings import PREFECT_API_URL
+
+    from segflow.ops.env import stage_env
+
+    extra = {PARENT_ENV: process_identity(), **more}
+    if flow_run.id and PREFECT_API_URL.value():
+        extra |= {"SEGFLOW_FLOW_RUN": str(flow_run.id), "PREFECT_API_URL": PREFECT_API_URL.value()}
+    return stage_env(**extra)
+
+
+class _Progress:
+    """A Prefect progress artifact that follows the ``epoch N/M`` lines of a stage."""
+
+    def __init__(self, stage: str):
+        self.stage, self.artifact = stage, None
+
+    def see(self, line: str) -> None:
+        found = _EPOCH.search(line)
+        if not found:
+            return
+        percent = 100.0 * int(found.group(1)) / max(int(found.group(2)), 1)
+        description = f"{self.stage}: {line.split('] INFO ', 1)[-1]}"
+        if self.artifact is None:
+            self.artifact = create_progress_artifact(
+                percent, key=f"segflow-{self.stage}-progress", description=description
+            )
+        else:
+            update_progress_artifact(self.artifact, percent, description=description)
+
+
+@contextlib.contextmanager
+def gpu_slot() -> Iterator[str]:
+    """Hold a slot of the global concurrency limit ``gpu`` (renewed while held); yield its lease id.
+
+    Prefect's own ``concurrency()`` does the same but keeps the lease id to itself; the stage's leash
+    needs it to give the slot back at once if this process is killed (a dead holder's lease would
+    otherwise block every other run's training for up to five minutes).
+    """
+    from prefect.concurrency._leases import maintain_concurrency_lease
+    from prefect.concurrency._sync import acquire_concurrency_slots_with_lease, release_concurrency_slots_with_lease
+
+    lease_seconds = 300
+    acquired = acquire_concurrency_slots_with_lease([GPU_LIMIT], 1, strict=True, lease_duration=lease_seconds)
+    try:
+        with maintain_concurrency_lease(acquired.lease_id, lease_seconds, raise_on_lease_renewal_failure=False):
+            yield str(acquired.lease_id)
+    finally:
+        release_concurrency_slots_with_lease(acquired.lease_id)
+
+
+def _launch(stage: str, root: str, force: bool, logger, lease: str | None = None) -> tuple[int, deque[str], bool]:
+    """Run the stage; return (exit status, last lines, whether DVC ran its command)."""
+    ran = False
+    tail: deque[str] = deque(maxlen=40)
+    progress = _Progress(stage)
+    with subprocess.Popen(
+        stage_command(stage, force),
+        cwd=root,
+        env=_env(**({"SEGFLOW_GPU_LEASE": lease} if lease else {})),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+        start_new_session=True,  # its own process group: a terminal's Ctrl-C reaches segflow, which stops it
+    ) as proc:
+        try:
+            for raw in proc.stdout:
+                line = raw.rstrip()
+                if line.strip():
+                    tail.append(line)
+                    ran = ran or line.startswith("Running stage")
+                    _log(logger, line)
+                    progress.see(line)
+            return proc.wait(), tail, ran
+        except BaseException:
+            stop(proc)
+            # Everything that wrote to the pipe is gone now: log what it said on its way out.
+            for line in proc.stdout.read().splitlines():
+                if line.strip():
+                    _log(logger, line.rstrip())
+            # The stage restores its own outputs when stopped; this covers a stop before it started.
+            restore(stage, Path(root))
+            raise
+
+
+def _log(logger, line: str) -> None:
+    level = level_of(line)
+    if level is not None:
+        logger.log(getattr(logging, level), "%s", line)
+
+
+def _no_retry_for_stage_errors(task, task_run, state) -> bool:
+    return state.name == "Interrupted"
+
+
+@task(name="dvc-stage", task_run_name="{stage}", retry_condition_fn=_no_retry_for_stage_errors)
+def run_stage(stage: str, root: str, force: bool = False, planned: bool = True):
+    """Run one DVC stage (``dvc repro --single-item``), streaming its output into the run's log.
+
+    Args:
+        planned: False when segflow already knows DVC would skip the stage (nothing it depends on
+            changed): the task records the skip without starting DVC.
+
+    Returns:
+        A Completed state with ``{"stage", "status": "ran" | "skipped", "seconds"}``, or a Failed one whose
+        message is the stage's one-line error (named ``Interrupted`` when a retry could help).
+    """
+    logger = get_run_logger()
+    if not planned:
+        logger.info("stage %s skipped: nothing it depends on changed", stage)
+        return Completed(data={"stage": stage, "status": "skipped", "seconds": 0.0})
+    started = time.perf_counter()
+    with gpu_slot() if stage in GPU_STAGES else contextlib.nullcontext() as lease:
+        code, tail, ran = _launch(stage, root, force, logger, lease)
+    seconds = round(time.perf_counter() - started, 1)
+    if code != 0:
+        restore(stage, Path(root))
+        reason = failure_reason(stage, tail, code)
+        logger.error("%s", reason)
+        return Failed(message=reason, name="Interrupted" if retryable(code, tail) else "Failed")
+    result = {"stage": stage, "status": "ran" if ran else "skipped", "seconds": seconds}
+    logger.info("stage %s %s in %.1fs", stage, result["status"], seconds)
+    return Completed(data=result)

@@ -1,0 +1,636 @@
+"""The one typed loader for params.yaml.
+
+Every stage reads its hyperparameters through :func:`load_params`; nothing else
+opens params.yaml. One pydantic model per section, unknown keys rejected with
+their name (``extra="forbid"``), choices as ``Literal`` types. This module must
+stay cheap to import (no torch, no smp): the Prefect flow and the CLI use it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from segflow import recipes
+from segflow.errors import SegflowError
+
+PARAMS_FILE = Path("params.yaml")
+
+# The architectures of segmentation-models-pytorch 0.6 (smp.create_model's
+# `arch`; a unit test keeps them equal to smp's own mapping), then FCN and
+# SegNet, which smp lacks (segflow/semantic/archs.py).
+Arch = Literal[
+    "Unet",
+    "UnetPlusPlus",
+    "MAnet",
+    "Linknet",
+    "FPN",
+    "PSPNet",
+    "DeepLabV3",
+    "DeepLabV3Plus",
+    "PAN",
+    "UPerNet",
+    "Segformer",
+    "DPT",
+    "FCN",
+    "SegNet",
+]
+Loss = Literal["ce", "dice", "focal", "lovasz", "dice_ce", "focal_dice"]
+Precision = Literal["auto", "32", "16-mixed", "bf16-mixed"]
+Accelerator = Literal["auto", "cpu", "gpu"]
+
+#: Label value for pixels that count towards no class (padding, "void").
+IGNORE_INDEX = 255
+#: Object classes the built-in synthetic source can draw (segflow/data/synthetic.py's shapes).
+SYNTHETIC_OBJECT_CLASSES = 6  # a unit test keeps this equal to _synthetic.MAX_OBJECT_CLASSES
+
+
+class ParamsError(SegflowError):
+    """params.yaml is missing, unreadable or invalid."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Paths(_Section):
+    """Where each stage writes; dvc.yaml refers to these as ``${paths.<stage>}``."""
+
+    ingest: Path = Path("data/ingest")
+    augment: Path = Path("data/augment")
+    train: Path = Path("data/train")
+    evaluate: Path = Path("data/evaluate")
+
+    def under(self, root: Path) -> Paths:
+        """The same layout re-rooted under ``root`` (tests, benchmarks)."""
+        return Paths(**{name: Path(root) / value for name, value in self.model_dump().items()})
+
+
+class SyntheticParams(_Section):
+    """The built-in demo dataset: seeded multi-class scenes."""
+
+    num_images: int = Field(240, ge=3)
+    image_size: int = Field(96, ge=16, le=2048)
+    min_objects: int = Field(2, ge=0)
+    max_objects: int = Field(6, ge=1)
+    #: Relative frequency of each object class (classes[1:]); imbalance on purpose.
+    class_weights: list[NonNegativeFloat] | None = None
+    noise: float = Field(0.05, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _objects_range(self) -> SyntheticParams:
+        if self.min_objects > self.max_objects:
+            raise ValueError(f"min_objects ({self.min_objects}) is larger than max_objects ({self.max_objects})")
+        if self.class_weights is not None and not any(self.class_weights):
+            raise ValueError("class_weights are all zero; give at least one object class a positive weight")
+        return self
+
+
+#: One 8-bit colour channel value.
+Channel = Annotated[int, Field(ge=0, le=255)]
+RGB = tuple[Channel, Channel, Channel]
+#: Mask values as they are stored (up to 16-bit grayscale).
+RawValue = Annotated[int, Field(ge=0, le=65535)]
+
+
+Split = Literal["train", "val", "test"]
+
+
+class SplitDirs(_Section):
+    """``layout: split_folders``: the folder of each split (its masks sit in ``<folder><annot_suffix>``)."""
+
+    train: str = "train"
+    val: str = "val"
+    test: str = "test"
+
+
+class IngestParams(_Section):
+    """Where the dataset comes from and how its files are read (see docs/datasets.md)."""
+
+    #: synthetic: the built-in demo scenes; folder: the user's images and masks at ``path``.
+    source: Literal["synthetic", "folder"] = "synthetic"
+    #: A folder or an archive (.zip, .tar, .tar.gz, .tgz); relative to the project root, or absolute.
+    #: dvc.yaml lists it as a dependency of ingest, so a change to the data reruns the pipeline.
+    path: Path = Path("data/raw")
+    #: paired: <path>/<images_dir> + <path>/<masks_dir>, split by a seeded hash;
+    #: split_folders: <path>/train + <path>/trainannot, ... with the split kept as given.
+    layout: Literal["paired", "split_folders"] = "paired"
+    images_dir: str = "images"
+    masks_dir: str = "masks"
+    #: Name endings stripped before pairing by stem, e.g. mask_suffix: _mask pairs a.png with a_mask.png.
+    image_suffix: str = ""
+    mask_suffix: str = ""
+    split_dirs: SplitDirs = SplitDirs()
+    annot_suffix: str = "annot"
+    #: null: mask values are class ids; or {raw value: class id}, e.g. {0: 1, 255: 0}.
+    mask_values: dict[RawValue, int] | None = None
+    #: Colour-coded RGB masks: {class name: [r, g, b]}.
+    palette: dict[str, RGB] | None = None
+    #: Raw mask values (or [r, g, b] colours with a palette) that mean "no class": ignored in training and scoring.
+    ignore_values: list[RawValue | RGB] = []
+    #: A regex over the file's id (its path under the images folder, without the extension); the first
+    #: group (or the named group ``group``) keeps related images (slices of one volume) in one split.
+    group: str | None = None
+    #: auto: grayscale data stays one channel, anything else becomes RGB; or force 1 or 3.
+    channels: Literal["auto", 1, 3] = "auto"
+    #: 16-bit images to 8-bit: full_range maps 0-65535 to 0-255; per_image stretches each image's min-max.
+    scale_16bit: Literal["full_range", "per_image"] = "full_range"
+    #: Larger images are refused before they are decoded (decompression bombs).
+    max_pixels: PositiveInt = 100_000_000
+    #: stop: the first bad file fails the stage with its name; skip: leave it out and list it in the report.
+    on_bad: Literal["stop", "skip"] = "stop"
+    #: Decoding processes; auto = the cores this process may use.
+    workers: Literal["auto"] | PositiveInt = "auto"
+    #: layout: paired only. {split: [ids]}: these ids go to that split (a fixed hold-out); the rest by the hash.
+    split_ids: dict[Split, list[str]] | None = None
+    #: layout: paired only. {split: list file}: a text file of ids, one per line, inside the dataset
+    #: (e.g. Pascal VOC's ImageSets/Segmentation/train.txt); only listed ids are ingested, split as listed.
+    split_lists: dict[Split, str] | None = None
+    #: layout: paired only; the split of each id (or group) is a seeded hash cut at these fractions.
+    val_fraction: float = Field(0.15, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.15, ge=0.0, lt=1.0)
+    synthetic: SyntheticParams = SyntheticParams()
+
+    @field_validator("group")
+    @classmethod
+    def _regex(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as error:
+                raise ValueError(f"not a valid regular expression ({error})") from None
+        return value
+
+    @field_validator("images_dir", "masks_dir")
+    @classmethod
+    def _folder_name(cls, value: str) -> str:
+        if not value or Path(value).is_absolute() or ".." in Path(value).parts:
+            raise ValueError("must be a folder name inside ingest.path")
+        return value
+
+    @model_validator(mode="after")
+    def _fractions(self) -> IngestParams:
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError("val_fraction + test_fraction must leave some data for training")
+        if self.mask_values is not None and self.palette is not None:
+            raise ValueError("give either ingest.mask_values (grayscale masks) or ingest.palette (RGB masks), not both")
+        if self.palette is None and any(isinstance(v, tuple) for v in self.ignore_values):
+            raise ValueError("ingest.ignore_values holds [r, g, b] colours, which need ingest.palette")
+        for key in ("group", "split_ids", "split_lists"):
+            if getattr(self, key) is not None and self.layout != "paired":
+                raise ValueError(f"ingest.{key} applies to layout: paired (split_folders keeps the given split)")
+        if self.split_ids is not None and self.split_lists is not None:
+            raise ValueError("give either ingest.split_ids or ingest.split_lists, not both")
+        if self.split_ids is not None:
+            listed = [i for ids in self.split_ids.values() for i in ids]
+            twice = sorted({i for i in listed if listed.count(i) > 1})
+            if twice:
+                raise ValueError(f"ingest.split_ids lists {twice} in more than one split")
+        return self
+
+    def resolved_workers(self) -> int:
+        """The worker count ``auto`` stands for: the cores this process may run on."""
+        return self.workers if self.workers != "auto" else available_cores()
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, which container limits narrow)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+class NormalizeParams(_Section):
+    """Per-channel mean and std on the 0-1 scale: one value (any channel count) or one per channel."""
+
+    mean: list[float] = Field(default_factory=lambda: [0.485, 0.456, 0.406], min_length=1)
+    std: list[PositiveFloat] = Field(default_factory=lambda: [0.229, 0.224, 0.225], min_length=1)
+
+    @model_validator(mode="after")
+    def _lengths(self) -> NormalizeParams:
+        if len(self.mean) != len(self.std):
+            raise ValueError(f"mean has {len(self.mean)} values but std has {len(self.std)}; give one pair per channel")
+        return self
+
+    def for_channels(self, channels: int, source: str = "the data") -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Mean and std for ``channels`` image channels (a single value is repeated).
+
+        Raises:
+            ParamsError: neither one value nor one per channel.
+        """
+        if len(self.mean) == 1:
+            return (self.mean[0],) * channels, (self.std[0],) * channels
+        if len(self.mean) != channels:
+            hint = "e.g. mean: [0.5], std: [0.25]" if channels == 1 else f"{channels} values each"
+            raise ParamsError(
+                f"params.yaml: augment.normalize has {len(self.mean)} values per key but {source} has "
+                f"{channels} channel{'s' if channels > 1 else ''}; give one value or one per channel ({hint})"
+            )
+        return tuple(self.mean), tuple(self.std)
+
+
+#: The augment keys of segflow before recipes, and what replaced each (a one-line hint, not a crash).
+_OLD_AUGMENT_KEYS = {
+    "hflip": "HorizontalFlip",
+    "vflip": "VerticalFlip",
+    "rotate90": "RandomRotate90",
+    "affine": "Affine",
+    "brightness_contrast": "RandomBrightnessContrast",
+    "brightness_limit": "RandomBrightnessContrast",
+    "contrast_limit": "RandomBrightnessContrast",
+    "gauss_noise": "GaussNoise",
+    "elastic": "ElasticTransform",
+    "grid_distortion": "GridDistortion",
+}
+
+
+class AugmentParams(_Section):
+    """The training and evaluation pipelines (albumentations), as recipes: see segflow/recipes.py."""
+
+    #: The training recipe to start from: none | light | default | strong | microscopy | street.
+    preset: Literal["none", "light", "default", "strong", "microscopy", "street"] = "default"
+    #: Changes to the preset's transforms by name: {Affine: {p: 0.5}}; null removes one: {GaussNoise: null}.
+    overrides: dict[str, dict[str, Any] | None] = {}
+    #: Transforms appended to the preset's: [{name: CLAHE, p: 0.3}, ...] (any albumentations 2-D transform).
+    train: list[dict[str, Any]] = []
+    #: Pixel-level transforms applied before normalisation at validation, evaluation and prediction.
+    eval: list[dict[str, Any]] = []
+    #: Training crop (pixels, square); images are padded first when smaller.
+    crop_size: int = Field(96, ge=16)
+    #: Eval images are padded so height and width divide by this (the model's stride).
+    pad_divisor: int = Field(32, ge=1)
+    normalize: NormalizeParams = NormalizeParams()
+    preview_samples: int = Field(6, ge=1, le=64)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_keys(cls, data: Any) -> Any:
+        old = [key for key in (data if isinstance(data, dict) else ()) if key in _OLD_AUGMENT_KEYS]
+        if old:
+            key = old[0]
+            raise ValueError(
+                f"augment.{key} was replaced by recipes: choose augment.preset (default holds the old pipeline) "
+                f"and change a transform with augment.overrides, e.g. {{{_OLD_AUGMENT_KEYS[key]}: {{p: 0.5}}}} "
+                "(README, Augmentation)"
+            )
+        return data
+
+    @field_validator("train", "eval", mode="before")
+    @classmethod
+    def _names_alone(cls, value: Any) -> Any:
+        # `- CLAHE` is short for `- {name: CLAHE}` (the transform with its default arguments).
+        return [{"name": v} if isinstance(v, str) else v for v in value] if isinstance(value, list) else value
+
+    @model_validator(mode="after")
+    def _recipes(self) -> AugmentParams:
+        for i, step in enumerate(self.train):
+            recipes.check_step(step, f"augment.train[{i}]")
+        for i, step in enumerate(self.eval):
+            recipes.check_step(step, f"augment.eval[{i}]", pixel_only=True)
+        steps = self.train_recipe()  # overrides that name nothing in the preset fail here
+        for name, change in self.overrides.items():
+            if change is not None:
+                holder, index = recipes.find_step(steps, name)[0]
+                recipes.check_step(holder[index], f"augment.overrides.{name}")
+        return self
+
+    def train_recipe(self) -> list[dict[str, Any]]:
+        """The training transforms: the preset, overridden, with ``train`` appended (before normalisation)."""
+        try:
+            return recipes.resolve(self.preset, self.overrides, self.train)
+        except ValueError as error:
+            raise ValueError(f"augment.{error}") from None
+
+
+class TrainParams(_Section):
+    #: Any smp architecture, or FCN (torchvision's heads; encoder resnet50/resnet101) or SegNet (encoder
+    #: vgg16_bn/vgg13_bn/vgg11_bn; max-unpooling with the encoder's indices).
+    arch: Arch = "Unet"
+    encoder: str = "resnet18"
+    encoder_depth: int = Field(5, ge=3, le=5)
+    #: Decoder widths, one per encoder stage (Unet-like archs only); null = smp's default.
+    decoder_channels: list[int] | None = None
+    #: null = random init; or a path to a local weights file (.safetensors / .pth)
+    #: holding encoder or whole-model weights. Hub names ("imagenet") need network.
+    encoder_weights: str | None = None
+    loss: Loss = "dice_ce"
+    #: adamw | sgd (with ``momentum``, Nesterov).
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    #: Peak learning rate (the schedule's top).
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    #: Per optimiser step: onecycle (warm-up then cosine anneal), cosine (linear warm-up over
+    #: ``warmup_epochs``, then cosine to 0), poly (DeepLab's (1 - t/T)^0.9), constant.
+    schedule: Literal["onecycle", "cosine", "poly", "constant"] = "onecycle"
+    warmup_epochs: float = Field(1.0, ge=0.0)
+    #: Clip the gradients' global L2 norm to this (0 = off).
+    grad_clip: NonNegativeFloat = 0.0
+    #: Batches whose gradients are summed per optimiser step (effective batch = batch_size x this).
+    accumulate: PositiveInt = 1
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(16, ge=1)
+    #: The metric that picks the kept epoch and drives early stopping: val/iou_macro, val/dice_macro,
+    #: val/loss, or val/iou_<class>; ``mode`` auto = min for losses, max for scores.
+    monitor: str = Field("val/iou_macro", pattern=r"^(val/(iou_macro|dice_macro|loss|iou_\w+)|train/loss)$")
+    mode: Literal["auto", "max", "min"] = "auto"
+    #: Early stopping: stop after this many epochs without an improvement of ``min_delta`` (0 = off).
+    patience: NonNegativeInt = 0
+    min_delta: NonNegativeFloat = 0.0
+    #: Resume an interrupted run from its last completed epoch (checkpoints in .segflow/checkpoints/,
+    #: keyed by params, data and code; see README "Training you can leave running").
+    resume: bool = True
+    #: DataLoader worker processes (decoding, augmentation). auto: on a GPU, the cores this process may use
+    #: less one for the training loop (at most 8 per device); on the CPU, 0 below 8 cores (the model
+    #: itself uses every core, and a worker only competes with it), else a quarter of them.
+    num_workers: Literal["auto"] | NonNegativeInt = "auto"
+    #: Decoded training and validation images are kept in memory when they fit in this many MiB
+    #: (decoded once, not every epoch); 0 = decode on every access.
+    cache_mb: NonNegativeInt = 2048
+    #: channels_last memory format for the model and its inputs (faster convolutions on tensor cores).
+    #: auto = on CUDA, not on the CPU.
+    channels_last: Literal["auto"] | bool = "auto"
+    #: torch.compile the model (its compile time is logged); first steps are slower, later ones faster.
+    compile: bool = False
+    accelerator: Accelerator = "auto"
+    #: Devices per node: a count, or auto (every GPU; one process on the CPU). Above 1 needs strategy ddp.
+    devices: Literal["auto"] | PositiveInt = 1
+    #: ddp: one process per device (Lightning DDP; gloo on CPU, NCCL on CUDA); auto: Lightning's choice
+    #: (DDP when there are several devices).
+    strategy: Literal["auto", "ddp"] = "auto"
+    #: Machines in a multi-node DDP run (launched on each node; README "Several GPUs, several nodes").
+    num_nodes: PositiveInt = 1
+    precision: Precision = "auto"
+    #: Deterministic kernels (torch.use_deterministic_algorithms, no cuDNN autotuning): bit-identical reruns on
+    #: the same GPU and software, at some speed. CPU training is deterministic either way.
+    deterministic: bool = False
+
+    @field_validator("encoder_weights")
+    @classmethod
+    def _weights(cls, value: str | None) -> str | None:
+        return None if value in (None, "", "none", "null") else value
+
+    def resolved_workers(self, on_gpu: bool, cores: int | None = None, world_size: int = 1) -> int:
+        """The DataLoader worker count ``auto`` stands for (see ``num_workers``), per training process.
+
+        Args:
+            on_gpu: the model trains on a GPU (the CPU is free for the data path).
+            cores: the cores available (default: this process's).
+            world_size: training processes on this machine.
+        """
+        if self.num_workers != "auto":
+            return self.num_workers
+        cores = available_cores() if cores is None else cores
+        # Each DDP process has its own loader: share the cores between them.
+        per_process = cores // max(1, world_size)
+        if on_gpu:
+            return max(0, min(8, per_process - 1))
+        return 0 if per_process < 8 else min(8, per_process // 4)
+
+    def use_channels_last(self, on_gpu: bool) -> bool:
+        """Whether ``channels_last`` (auto: on a GPU) applies."""
+        return on_gpu if self.channels_last == "auto" else self.channels_last
+
+    def resolved_mode(self) -> str:
+        """``max`` or ``min``: the direction in which ``monitor`` improves."""
+        if self.mode != "auto":
+            return self.mode
+        return "min" if self.monitor.endswith("loss") else "max"
+
+    @model_validator(mode="after")
+    def _decoder_depth(self) -> TrainParams:
+        if self.decoder_channels is not None and len(self.decoder_channels) != self.encoder_depth:
+            raise ValueError(
+                f"decoder_channels has {len(self.decoder_channels)} entries but encoder_depth is "
+                f"{self.encoder_depth}; give one width per encoder stage"
+            )
+        return self
+
+
+class EvaluateParams(_Section):
+    #: How many test images the predictions preview shows.
+    preview_samples: int = Field(6, ge=1, le=64)
+
+
+class PredictParams(_Section):
+    """Inference, for ``evaluate`` and ``segflow predict`` alike (so what is scored is what ships)."""
+
+    #: Images larger than this (either side) are predicted in overlapping tiles of this size; memory is
+    #: bounded by the tile, not the image. A multiple of the model's stride (augment.pad_divisor).
+    tile_size: int = Field(512, ge=32)
+    #: Pixels neighbouring tiles share; their logits are blended. A quarter of it on each side of a seam
+    #: is dropped, so a model whose receptive field reaches at most overlap/4 gives exactly the
+    #: whole-image result.
+    overlap: int = Field(128, ge=0)
+    #: Tiles (or images) per forward pass.
+    batch_size: int = Field(4, ge=1)
+
+    @model_validator(mode="after")
+    def _sizes(self) -> PredictParams:
+        if self.overlap >= self.tile_size:
+            raise ValueError(
+                f"predict.overlap ({self.overlap}) must be smaller than predict.tile_size ({self.tile_size})"
+            )
+        return self
+
+
+class RegisterParams(_Section):
+    """Model registration (``segflow register``, the flow's register task): GTO versions and stages."""
+
+    #: The artifact name in dvc.yaml ``artifacts:`` and in the GTO tags (``<model>@v1.2.3``, ``<model>#prod#N``).
+    model: str = Field("segflow-model", pattern=r"^[a-zA-Z0-9]([a-zA-Z0-9_/-]*[a-zA-Z0-9])?$")
+    #: The test metric of the champion/challenger gate, as ``<group>.<key>`` of evaluate's metrics.json.
+    metric: str = Field("iou.macro", pattern=r"^[\w]+(\.[\w]+)+$")
+    direction: Literal["max", "min"] = "max"
+    #: A challenger is promoted to ``prod`` only when better than the champion by at least this much.
+    min_improvement: NonNegativeFloat = 0.005
+    stage: str = "prod"
+    bump: Literal["patch", "minor", "major"] = "patch"
+    #: Commit dvc.lock, params.yaml and the git-tracked metrics before registering (what scheduled
+    #: retraining does); false: refuse while they hold uncommitted changes.
+    commit: bool = False
+    #: Extra formats the train stage writes beside the weights, each checked against PyTorch.
+    export: list[Literal["onnx"]] = []
+
+
+class ScheduleParams(_Section):
+    """Scheduled retraining (``segflow deploy``): when, and on which Prefect work pool. Not a stage."""
+
+    #: Cron expression of the deployment's schedule (default: nightly at 02:00).
+    cron: str = "0 2 * * *"
+    timezone: str = "UTC"
+    work_pool: str = Field("segflow", min_length=1)
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        if len(value.split()) not in (5, 6):
+            raise ValueError("must be a cron expression of 5 fields, e.g. '0 2 * * *' (02:00 every day)")
+        return value
+
+
+# A section named `register` shadows BaseModel's inherited ABC `register` (harmless: nothing calls it on
+# Params); pydantic warns about it when the class is made.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message='Field name "register" in "Params" shadows', category=UserWarning)
+
+    class Params(_Section):
+        """The whole params.yaml."""
+
+        seed: int = 42
+        classes: list[str] = Field(default_factory=lambda: ["background", "disk", "box", "triangle"])
+        paths: Paths = Paths()
+        ingest: IngestParams = IngestParams()
+        augment: AugmentParams = AugmentParams()
+        train: TrainParams = TrainParams()
+        evaluate: EvaluateParams = EvaluateParams()
+        predict: PredictParams = PredictParams()
+        register: RegisterParams = RegisterParams()
+        schedule: ScheduleParams = ScheduleParams()
+
+        @field_validator("classes")
+        @classmethod
+        def _classes(cls, value: list[str]) -> list[str]:
+            if len(value) < 2:
+                raise ValueError("need at least 2 classes (background and one object class)")
+            if len(set(value)) != len(value):
+                raise ValueError(f"class names repeat: {value}")
+            if len(value) >= IGNORE_INDEX:
+                raise ValueError(f"at most {IGNORE_INDEX - 1} classes (label {IGNORE_INDEX} means ignore)")
+            return value
+
+        @model_validator(mode="after")
+        def _consistent(self) -> Params:
+            ingest, num_classes = self.ingest, len(self.classes)
+            weights = ingest.synthetic.class_weights
+            # The synthetic section only matters while it is the source (it stays in params.yaml for the demo).
+            if ingest.source == "synthetic" and weights is not None and len(weights) != num_classes - 1:
+                raise ValueError(
+                    f"ingest.synthetic.class_weights has {len(weights)} entries; "
+                    f"give one per object class ({num_classes - 1}: {self.classes[1:]})"
+                )
+            if ingest.source == "synthetic" and num_classes - 1 > SYNTHETIC_OBJECT_CLASSES:
+                raise ValueError(
+                    f"classes: the synthetic source draws at most {SYNTHETIC_OBJECT_CLASSES} object classes, "
+                    f"got {num_classes - 1}; list at most {SYNTHETIC_OBJECT_CLASSES + 1} classes"
+                )
+            for raw, cls in (ingest.mask_values or {}).items():
+                if not 0 <= cls < num_classes:
+                    raise ValueError(
+                        f"ingest.mask_values maps {raw} to class id {cls}, but classes has ids 0-{num_classes - 1}; "
+                        "list the value under ingest.ignore_values to ignore it"
+                    )
+            if ingest.palette is not None:
+                unknown = [name for name in ingest.palette if name not in self.classes]
+                if unknown:
+                    raise ValueError(f"ingest.palette names {unknown}, which are not in classes {self.classes}")
+                colours = list(ingest.palette.values())
+                if len(set(colours)) != len(colours):
+                    raise ValueError("ingest.palette gives two classes the same colour")
+            if self.predict.tile_size % self.augment.pad_divisor:
+                raise ValueError(
+                    f"predict.tile_size is {self.predict.tile_size}, not a multiple of augment.pad_divisor "
+                    f"({self.augment.pad_divisor}); use a multiple of it"
+                )
+            # The encoder halves the resolution encoder_depth times; inputs must divide evenly.
+            stride = 2**self.train.encoder_depth
+            for key in ("crop_size", "pad_divisor"):
+                value = getattr(self.augment, key)
+                if value % stride:
+                    raise ValueError(
+                        f"augment.{key} is {value}, not a multiple of {stride} (2**train.encoder_depth); "
+                        f"use e.g. {max(stride, round(value / stride) * stride)}"
+                    )
+            return self
+
+
+def _describe(error: ValidationError, source: Path) -> str:
+    """One line per problem, each naming the key, e.g. ``train.lr: ...``."""
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"])
+        if item["type"] == "extra_forbidden":
+            lines.append(f"{source}: unknown key '{key}' (misspelt? remove it or fix the name)")
+            continue
+        message = item["msg"].removeprefix("Value error, ")
+        value = item.get("input")
+        # Cross-key checks see a whole section as their input: their message names the keys.
+        got = "" if isinstance(value, dict) or item["type"] == "value_error" else f" (got {value!r})"
+        # A message that already names its key (recipe checks: augment.train[2]: ...) is not prefixed again.
+        prefix = f"{key}: " if key and not message.startswith(key) else ""
+        lines.append(f"{source}: {prefix}{message}{got}")
+    return "; ".join(lines)
+
+
+def parse_params(data: dict | None, source: Path | str = PARAMS_FILE) -> Params:
+    """Validate an already-parsed params mapping.
+
+    Raises:
+        ParamsError: one line naming every bad key.
+    """
+    try:
+        return Params.model_validate(data or {})
+    except ValidationError as error:
+        raise ParamsError(_describe(error, Path(source))) from None
+
+
+def load_params(path: Path | str = PARAMS_FILE) -> Params:
+    """Read and validate params.yaml; stage outputs (``paths``) must stay inside the project (its folder).
+
+    Raises:
+        ParamsError: the file is missing, is not YAML, or holds a bad key or value.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ParamsError(
+            f"{path.absolute()}: not found; segflow reads params.yaml from the project root (the folder holding "
+            "dvc.yaml): run from there, or restore the file (git checkout -- params.yaml)"
+        ) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = " ".join(str(getattr(error, "problem", None) or error).split())
+        raise ParamsError(
+            f"{where}: not valid YAML ({problem}); check the indentation, colons and quotes there"
+        ) from None
+    if data is not None and not isinstance(data, dict):
+        raise ParamsError(f"{path}: must be a mapping of sections, got {type(data).__name__}")
+    params = parse_params(data, path)
+    check_paths(params, path.absolute().parent, path)
+    return params
+
+
+def check_paths(params: Params, root: Path, source: Path | str = PARAMS_FILE) -> None:
+    """Every ``paths.*`` must resolve inside ``root`` (links followed): stages write nowhere else.
+
+    Raises:
+        ParamsError: a path that is absolute outside the project, climbs out with ``..``, or leads out
+            through a symbolic link.
+    """
+    root = Path(root).resolve()
+    for key, value in params.paths.model_dump().items():
+        target = (root / value).resolve()
+        if target == root or not target.is_relative_to(root):
+            raise ParamsError(
+                f"{source}: paths.{key}: {value} is outside the project ({root}); stage outputs stay inside it, "
+                f"e.g. paths.{key}: data/{key}"
+            )

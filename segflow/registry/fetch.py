@@ -1,0 +1,167 @@
+"""The registry's read side: which versions exist, which one a spec names, and the model files for it.
+
+Versions and stages are GTO git tags (``<name>@v1.2.3``, ``<name>#prod#N``).
+"Which version is in a stage" is read with ``gto.api.show``, which orders
+stage assignments by time (``gto.api.find_versions_in_stage`` and
+``dvc artifacts get --stage`` can pick a stale one after a rollback or an
+unassignment); files are then fetched by version, which is unambiguous.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from segflow.errors import SegflowError
+from segflow.stage import STATE_DIR
+
+_SPEC = re.compile(r"^(?P<name>[^@#]+)(?:@(?P<version>v\d+\.\d+\.\d+)|#(?P<stage>[\w-]+))?$")
+
+
+@dataclass(frozen=True)
+class Version:
+    """One registered version of a model."""
+
+    name: str
+    version: str
+    commit: str
+    created_at: str
+    stages: tuple[str, ...]
+    info: dict  # the JSON of its registration tag message
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}@{self.version}"
+
+
+def _gto_show(root: Path, name: str) -> tuple[list[dict], dict[str, str]]:
+    from gto import api
+
+    return api.show(str(root), name), api.show(str(root)).get(name, {}).get("stage", {})
+
+
+def versions(root: Path, name: str) -> list[Version]:
+    """Every registered version of ``name``, newest first, with the stages each one holds now."""
+    from gto.exceptions import ArtifactNotFound
+
+    try:
+        rows, stages = _gto_show(root, name)
+    except ArtifactNotFound:
+        return []
+    found = []
+    for row in rows:
+        try:
+            info = json.loads(row.get("message") or "{}")
+        except ValueError:
+            info = {}
+        held = tuple(sorted(stage for stage, version in stages.items() if version == row["version"]))
+        created = row["created_at"].isoformat(timespec="seconds") if row.get("created_at") else ""
+        found.append(Version(name, row["version"], row["commit_hexsha"], created, held, info))
+    return found
+
+
+def resolve(root: Path, spec: str) -> Version:
+    """The version ``spec`` names: ``NAME`` (the latest), ``NAME@v1.2.3`` or ``NAME#stage``.
+
+    Raises:
+        SegflowError: a malformed spec, or nothing registered under it.
+    """
+    found = _SPEC.match(spec.strip())
+    if not found:
+        raise SegflowError(f"--model {spec}: write NAME, NAME@vX.Y.Z or NAME#stage (e.g. segflow-model#prod)")
+    name, version, stage = found.group("name"), found.group("version"), found.group("stage")
+    known = versions(root, name)
+    if not known:
+        raise SegflowError(f"--model {spec}: no version of {name} is registered in {root}; run segflow register")
+    if version:
+        match = [v for v in known if v.version == version]
+        what = f"version {version}"
+    elif stage:
+        match = [v for v in known if stage in v.stages]
+        what = f"a version in stage {stage}"
+    else:
+        match = known[:1]
+        what = "a version"
+    if not match:
+        have = ", ".join(f"{v.version}{'[' + ','.join(v.stages) + ']' if v.stages else ''}" for v in known[:6])
+        raise SegflowError(f"--model {spec}: {name} has no {what}; registered: {have}")
+    return match[0]
+
+
+def fetch(root: Path, version: Version) -> Path:
+    """The model folder of ``version``: the project's own when it holds exactly that model, else a copy
+    fetched by version through DVC (from the local cache, or the DVC remote) into ``.segflow/models/``.
+
+    Raises:
+        SegflowError: DVC has the files neither in its cache nor on a remote.
+    """
+    import dvc.api
+    from dvc.exceptions import DvcException
+
+    try:
+        artifact = dvc.api.artifacts_show(version.name, version=version.version, repo=str(root))
+        card = json.loads(dvc.api.read(f"{artifact['path']}/model.json", repo=str(root), rev=version.commit))
+    except DvcException as error:
+        raise SegflowError(
+            f"{version.label}: cannot read it through DVC ({error}); dvc pull, or check the remote"
+        ) from None
+    for folder in (root / artifact["path"], root / STATE_DIR / "models" / version.name / version.version):
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads((folder / "model.json").read_text()) == card:
+                return folder
+    target = root / STATE_DIR / "models" / version.name / version.version
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{version.version}.tmp-{os.getpid()}-", dir=target.parent))
+    try:
+        fs = dvc.api.DVCFileSystem(str(root), rev=version.commit)
+        fs.get(artifact["path"], str(scratch / "model"), recursive=True)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(scratch / "model", target)
+    except (DvcException, OSError) as error:
+        raise SegflowError(
+            f"{version.label}: its files are in neither DVC's cache nor a DVC remote ({error}); "
+            "run dvc push where it was trained, then dvc pull here"
+        ) from None
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return target
+
+
+def load_model(
+    spec: str = "segflow-model#prod", root: Path | str = ".", backend: str = "torch", device: str | None = None
+):
+    """A registered model, ready to predict: ``load_model("segflow-model#prod").predict(image)``.
+
+    Args:
+        spec: ``NAME``, ``NAME@vX.Y.Z`` or ``NAME#stage``; or the path of a model folder.
+        root: the segflow project holding the registry (its params.yaml gives the tile settings).
+        backend: ``torch`` (safetensors weights) or ``onnx`` (the model's ONNX export, onnxruntime).
+        device: for torch: ``cpu``, ``cuda``, ... (default: CUDA when there is one).
+
+    Returns:
+        A :class:`segflow.semantic.infer.Predictor`; ``.predict(image)`` maps (H, W[, C]) uint8 to (H, W)
+        uint8 class ids.
+    """
+    from segflow.params import PredictParams, load_params
+    from segflow.semantic import infer, store
+    from segflow.semantic.card import read_card
+
+    root = Path(root).resolve()
+    folder = Path(spec) if Path(spec).is_dir() else fetch(root, resolve(root, spec))
+    settings = load_params(root / "params.yaml").predict if (root / "params.yaml").is_file() else PredictParams()
+    if backend == "onnx":
+        card = read_card(folder)
+        forward = infer.onnx_forward(store.verify(folder, card, "onnx"))
+    elif backend == "torch":
+        model, card = store.load(folder)
+        forward = infer.torch_forward(model, device)
+    else:
+        raise SegflowError(f"--backend {backend}: choose torch or onnx")
+    tile = settings.tile_size - settings.tile_size % card.pad_divisor
+    return infer.Predictor(forward, card, max(tile, card.pad_divisor), settings.overlap, settings.batch_size)

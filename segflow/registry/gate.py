@@ -1,0 +1,66 @@
+"""The champion/challenger gate: the champion's metric, the next version number, the decision.
+
+The champion is the version that holds ``register.stage``; its metric is read from that version's own
+commit. :func:`decide` compares by ``register.metric``, ``direction`` and ``min_improvement``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from segflow.errors import SegflowError
+from segflow.layout import METRICS
+from segflow.params import Params
+from segflow.registry.fetch import versions
+from segflow.registry.git import git
+
+
+def metric_of(metrics: dict, dotted: str) -> float:
+    """``iou.macro`` of a metrics.json document.
+
+    Raises:
+        SegflowError: no such metric.
+    """
+    value = metrics
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise SegflowError(f"register.metric: {dotted} is not in metrics.json; e.g. iou.macro, dice.macro")
+        value = value[part]
+    if not isinstance(value, int | float):
+        raise SegflowError(f"register.metric: {dotted} is not a number in metrics.json")
+    return float(value)
+
+
+def champion_of(root: Path, params: Params) -> tuple[str | None, float | None]:
+    """The version holding ``register.stage`` and its metric, read from that version's own commit."""
+    cfg = params.register
+    holder = next((v for v in versions(root, cfg.model) if cfg.stage in v.stages), None)
+    if holder is None:
+        return None, None
+    path = (params.paths.evaluate / METRICS).as_posix()
+    text = git(root, "show", f"{holder.commit}:{path}", check=False)
+    if not text:
+        return holder.version, holder.info.get("metric_value")
+    return holder.version, metric_of(json.loads(text), cfg.metric)
+
+
+def next_version(latest: str | None, part: str) -> str:
+    if latest is None:
+        return "v0.1.0"
+    major, minor, patch = (int(x) for x in latest.lstrip("v").split("."))
+    return {
+        "major": f"v{major + 1}.0.0",
+        "minor": f"v{major}.{minor + 1}.0",
+        "patch": f"v{major}.{minor}.{patch + 1}",
+    }[part]
+
+
+def decide(candidate: float, champion: float | None, direction: str, margin: float) -> tuple[bool, str]:
+    """The gate: promote when nothing holds the stage, or the candidate beats the champion by ``margin``."""
+    if champion is None:
+        return True, "nothing holds the stage yet"
+    gain = candidate - champion if direction == "max" else champion - candidate
+    if gain >= margin - 1e-12:
+        return True, f"better by {gain:.4f} (at least {margin} needed)"
+    return False, f"not better by at least {margin} ({'+' if gain >= 0 else ''}{gain:.4f})"

@@ -1,0 +1,160 @@
+"""Stage ``evaluate``: score the trained model on the test split.
+
+Runs the saved model (``${paths.train}/model``, with its own preprocessing) on
+every test image at full size and writes ``${paths.evaluate}/``:
+
+- ``metrics.json``: IoU and Dice per class and at the named reductions
+  (see :mod:`segflow.semantic.metrics`), for ``dvc metrics show`` / ``diff``;
+- ``per_class.csv``: the same per-class numbers as a table (a bar plot);
+- ``per_image.csv``: each test image's own IoU per class, worst first;
+- ``predictions.png``: test images with truth, prediction and errors;
+- ``speed.json``: parameters, multiply-accumulates at the training size and
+  inference images/s (timings: they change from run to run, the scores do not).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import numpy as np
+import pandas as pd
+import torch
+
+from segflow import viz
+from segflow.io import atomic_path, write_png, write_text
+from segflow.layout import METRICS, MODEL_DIR, PER_CLASS, PER_IMAGE, PREDICTIONS, SPEED, read_manifest, split_rows
+from segflow.params import IGNORE_INDEX, Params, Paths
+from segflow.semantic import infer, measure, store
+from segflow.semantic import metrics as scoring
+from segflow.semantic.card import ModelCard
+from segflow.semantic.dataset import SegmentationDataset
+
+log = logging.getLogger(__name__)
+
+
+def predict(predictor: infer.Predictor, dataset: SegmentationDataset, seconds: list[float] | None = None):
+    """Yield ``(dataset index, prediction)`` per image, the prediction (H, W) int64 class ids at full size.
+
+    The same inference as ``segflow predict``: whole images, or tiles above ``predict.tile_size``.
+
+    Args:
+        seconds: if given, each image's inference time (decoded image in, class ids out) is appended.
+    """
+    for index in range(len(dataset)):
+        image, _ = dataset.load(index)
+        started = time.perf_counter()
+        pred = predictor.predict(image)
+        if seconds is not None:
+            seconds.append(time.perf_counter() - started)
+        yield index, torch.from_numpy(pred.astype(np.int64))
+
+
+def speed(seconds: list[float], model: torch.nn.Module, card: ModelCard) -> dict:
+    """What the model costs: size, multiply-accumulates at the training size, and inference images/s.
+
+    The first image is left out of the rate when there are others (one-off warm-up of the kernels).
+    """
+    timed = seconds[1:] or seconds
+    return {
+        "model": measure.size(model, card.in_channels, card.train_size),
+        "inference": {
+            "images_per_s": round(len(timed) / sum(timed), 3) if timed and sum(timed) else None,
+            "images": len(seconds),
+            "device": measure.device_of(model).type,
+            "threads": torch.get_num_threads(),
+        },
+    }
+
+
+def score(
+    dataset: SegmentationDataset, predictions, classes: list[str], keep: int = 0
+) -> tuple[dict, pd.DataFrame, dict[int, np.ndarray]]:
+    """Compare each prediction, cropped to its image, with the untouched mask on disk.
+
+    Args:
+        predictions: ``(index, (H', W') int64)`` pairs, padded at the bottom/right.
+        keep: also return the cropped predictions of dataset indices below this (for pictures).
+
+    Returns:
+        metrics summary, per-image table (worst first), and the kept predictions by index.
+    """
+    counts, ids, kept = [], [], {}
+    for index, pred in predictions:
+        _, mask = dataset.load(index)
+        h, w = mask.shape
+        pred = pred[:h, :w]
+        counts.append(scoring.confusion_counts(pred[None], torch.from_numpy(mask.astype(np.int64))[None], len(classes)))
+        ids.append(dataset.rows.loc[index, "id"])
+        if index < keep:
+            kept[index] = pred.numpy().astype(np.uint8)
+    tp, fp, fn, tn = (torch.cat(parts) for parts in zip(*counts, strict=True))
+    per_image = pd.DataFrame(scoring.per_image_iou(tp, fp, fn, tn).numpy(), columns=[f"iou_{c}" for c in classes])
+    per_image.insert(0, "id", ids)
+    per_image["iou_macro"] = per_image[[f"iou_{c}" for c in classes]].mean(axis=1, skipna=True)
+    return scoring.summarize(tp, fp, fn, tn, classes), per_image.sort_values("iou_macro"), kept
+
+
+def render_predictions(dataset: SegmentationDataset, kept: dict[int, np.ndarray], classes: list[str]) -> np.ndarray:
+    """Image, truth, prediction and an error map (red = wrong) for each kept prediction."""
+    rows = []
+    for index in sorted(kept):
+        image, mask = dataset.load(index)
+        pred = kept[index]
+        image = viz.as_rgb(image)
+        errors = np.where(((pred != mask) & (mask != IGNORE_INDEX))[..., None], (255, 40, 40), (image // 3)).astype(
+            np.uint8
+        )
+        rows.append([image, viz.colourize(mask, len(classes)), viz.colourize(pred, len(classes)), errors])
+    return viz.grid(rows, classes, ["image", "truth", "prediction", "errors"])
+
+
+def run(params: Params, paths: Paths) -> dict:
+    """Evaluate the model on the test split; write metrics, tables and the preview.
+
+    Returns:
+        The metrics written to ``metrics.json``.
+    """
+    model_dir = paths.train / MODEL_DIR
+    model, card = store.load(model_dir)
+    if card.classes != params.classes:
+        log.warning(
+            "model classes %s differ from params classes %s; scoring by the model's", card.classes, params.classes
+        )
+    rows = split_rows(read_manifest(paths.ingest), "test")
+    dataset = SegmentationDataset(paths.ingest, rows, transform=None)
+    settings = params.predict
+    predictor = infer.Predictor(
+        infer.torch_forward(model), card, settings.tile_size, settings.overlap, settings.batch_size
+    )
+    preview = params.evaluate.preview_samples
+    seconds: list[float] = []
+    summary, per_image, kept = score(dataset, predict(predictor, dataset, seconds), card.classes, keep=preview)
+    metrics = {"split": "test", "images": len(rows), "reduction": scoring.REDUCTION, **summary}
+
+    paths.evaluate.mkdir(parents=True, exist_ok=True)
+    per_class = pd.DataFrame(
+        {
+            "class": card.classes,
+            "iou": [summary["iou"]["per_class"][c] for c in card.classes],
+            "dice": [summary["dice"]["per_class"][c] for c in card.classes],
+        }
+    )
+    for name, table in ((PER_CLASS, per_class), (PER_IMAGE, per_image)):
+        with atomic_path(paths.evaluate / name) as tmp:
+            table.to_csv(tmp, index=False, float_format="%.6f")
+    with atomic_path(paths.evaluate / PREDICTIONS) as tmp:
+        write_png(tmp, render_predictions(dataset, kept, card.classes))
+    # Timings change from run to run, so they are kept apart from the scores (metrics.json stays reproducible).
+    write_text(paths.evaluate / SPEED, json.dumps(speed(seconds, model, card), indent=2) + "\n")
+    # Last, so a metrics.json never sits beside tables from an older run.
+    write_text(paths.evaluate / METRICS, json.dumps(metrics, indent=2) + "\n")
+    log.info(
+        "test IoU macro %s (foreground %s), Dice macro %s on %d images",
+        summary["iou"]["macro"],
+        summary["iou"]["macro_foreground"],
+        summary["dice"]["macro"],
+        len(rows),
+    )
+    return metrics

@@ -1,0 +1,74 @@
+"""Exports of a trained model beside its weights, each checked against PyTorch before it is kept."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from segflow.errors import SegflowError
+from segflow.io import sha256_file
+
+if TYPE_CHECKING:
+    from segflow.semantic.card import ModelCard
+
+#: Largest absolute logit difference an export may show against PyTorch on the check inputs.
+TOLERANCE = 1e-3
+ONNX_FILE = "model.onnx"
+
+
+def export(name: str, model: torch.nn.Module, card: ModelCard, folder: Path) -> dict:
+    """Write ``model`` in format ``name`` into ``folder`` and check it on random inputs of several shapes.
+
+    Returns:
+        The card's entry: file, sha256, opset and the largest absolute logit difference seen.
+
+    Raises:
+        SegflowError: an unknown format, a missing runtime, or logits off by more than :data:`TOLERANCE`.
+    """
+    if name != "onnx":
+        raise SegflowError(f"register.export: unknown format {name!r}; formats: onnx")
+    try:
+        import onnxruntime
+    except ImportError:
+        raise SegflowError(
+            "register.export: onnx needs the onnx extra; pip install -e '.[onnx]' (onnx, onnxruntime)"
+        ) from None
+    model = model.cpu().eval()
+    size = card.train_size
+    sample = torch.randn(1, card.in_channels, size, size, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        # The TorchScript exporter is the one that needs no onnxscript; torch warns that it is the old one.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model,
+            (sample,),
+            str(folder / ONNX_FILE),
+            dynamo=False,
+            input_names=["image"],
+            output_names=["logits"],
+            dynamic_axes={
+                "image": {0: "batch", 2: "height", 3: "width"},
+                "logits": {0: "batch", 2: "height", 3: "width"},
+            },
+            opset_version=17,
+        )
+    session = onnxruntime.InferenceSession(str(folder / ONNX_FILE), providers=["CPUExecutionProvider"])
+    worst = 0.0
+    generator = torch.Generator().manual_seed(1)
+    d = card.pad_divisor
+    for shape in ((1, size, size), (2, size, 2 * size), (1, 3 * d, 5 * d)):  # several batch sizes and shapes
+        batch = torch.randn(shape[0], card.in_channels, shape[1], shape[2], generator=generator)
+        with torch.inference_mode():
+            expected = model(batch).numpy()
+        got = session.run(None, {"image": batch.numpy()})[0]
+        worst = max(worst, float(np.abs(got - expected).max()))
+    if worst > TOLERANCE:
+        raise SegflowError(
+            f"register.export: the ONNX model's logits differ from PyTorch's by up to {worst:.2e} (limit "
+            f"{TOLERANCE:g}); this architecture does not export faithfully, remove onnx from register.export"
+        )
+    return {"file": ONNX_FILE, "sha256": sha256_file(folder / ONNX_FILE), "opset": 17, "max_abs_logit_diff": worst}

@@ -1,0 +1,218 @@
+"""The LightningModule that trains a semantic model: loss, optimiser, schedule, validation IoU/Dice.
+
+The loss is watched for NaN/inf on the device (looked at every step on the CPU, every
+:data:`NAN_CHECK_EVERY` steps on CUDA) and a diverging run stops with one line.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+
+import lightning as L
+import numpy as np
+import torch
+
+from segflow.errors import SegflowError
+from segflow.params import TrainParams
+from segflow.semantic import metrics
+from segflow.semantic.hardware import broadcast_buffers
+from segflow.semantic.losses import build_loss
+
+log = logging.getLogger(__name__)
+#: How often (optimiser steps) a CUDA run looks at its non-finite-loss flag; on the CPU: every step.
+NAN_CHECK_EVERY = 50
+
+
+class NonFiniteLoss(SegflowError):
+    """The training loss became NaN or infinite."""
+
+
+class SegmentationModule(L.LightningModule):
+    """Lightning wrapper: loss, optimiser and schedule from params, validation IoU/Dice over all processes.
+
+    Args:
+        channels_last: keep weights and input batches in channels_last memory format.
+        compile: run the forward pass through ``torch.compile`` (``self.model`` stays the plain
+            module, which is what is saved).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        params: TrainParams,
+        classes: list[str],
+        *,
+        channels_last: bool = False,
+        compile: bool = False,
+    ):
+        super().__init__()
+        self.model = model.to(memory_format=torch.channels_last) if channels_last else model
+        self.channels_last = channels_last
+        self.compiled = compile
+        # Not a registered submodule: the state dict keeps the plain model's names.
+        self.__dict__["net"] = torch.compile(self.model) if compile else self.model
+        self.loss = build_loss(params.loss)
+        self.cfg = params
+        self.classes = classes
+        self._val_totals: torch.Tensor | None = None  # (4, C) tp/fp/fn/tn summed, on the device
+        self._first_bad: torch.Tensor | None = None  # index of the first batch with a non-finite loss, or -1
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        if self.channels_last:
+            images, *rest = batch
+            batch = (images.contiguous(memory_format=torch.channels_last), *rest)
+        return batch
+
+    def training_step(self, batch, batch_idx):
+        images, masks, _ = batch
+        loss = self.loss(self(images), masks)
+        self._watch(loss, batch_idx)
+        self.log(
+            "train/loss",
+            loss,
+            on_step=False,
+            on_epoch=True,
+            prog_bar=True,
+            batch_size=len(images),
+            sync_dist=self.trainer.world_size > 1,
+        )
+        return loss
+
+    # -- a loss that stops being a number stops the run -------------------------------------------
+
+    def _watch(self, loss: torch.Tensor, batch_idx: int) -> None:
+        """Remember the first batch whose loss is not finite, on the device (no wait for the GPU per step)."""
+        index = self.current_epoch * self.trainer.num_training_batches + batch_idx
+        if self._first_bad is None:
+            self._first_bad = torch.full((), -1, dtype=torch.long, device=loss.device)
+        bad = ~torch.isfinite(loss.detach()) & (self._first_bad < 0)
+        self._first_bad = torch.where(bad, torch.full_like(self._first_bad, index), self._first_bad)
+        if loss.device.type == "cpu" or (batch_idx + 1) % NAN_CHECK_EVERY == 0:
+            self.check_finite()
+
+    def check_finite(self) -> None:
+        """Raise :class:`NonFiniteLoss` naming the epoch and step if the loss has not stayed finite."""
+        if self._first_bad is None or int(self._first_bad) < 0:
+            return
+        per_epoch = self.trainer.num_training_batches
+        epoch, step = divmod(int(self._first_bad), per_epoch)
+        cfg = self.cfg
+        precision = self.trainer.precision
+        raise NonFiniteLoss(
+            f"the training loss became NaN or infinite at epoch {epoch + 1}, step {step + 1} of {per_epoch}; "
+            f"the run is diverging: lower train.lr (now {cfg.lr:g})"
+            + (
+                f", use train.precision: bf16-mixed or 32 (fp16 overflows: now {precision})"
+                if "16" in precision
+                else ""
+            )
+            + (", set train.grad_clip (e.g. 1.0)" if not cfg.grad_clip else "")
+            + ", or check the images for NaN/inf values"
+        )
+
+    def on_train_epoch_end(self) -> None:
+        self.check_finite()
+
+    # -- validation: counts summed on the device, then over all processes --------------------------
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_totals = torch.zeros(4, len(self.classes), dtype=torch.long, device=self.device)
+        if self.trainer.world_size > 1:
+            # Every process validates with rank 0's BatchNorm statistics (DDP keeps parameters equal,
+            # not buffers), so the score is that of the one model that is saved.
+            broadcast_buffers(self.model)
+
+    def validation_step(self, batch, batch_idx):
+        images, masks, _ = batch
+        logits = self(images)
+        self.log(
+            "val/loss",
+            self.loss(logits, masks),
+            on_epoch=True,
+            prog_bar=True,
+            batch_size=len(images),
+            sync_dist=self.trainer.world_size > 1,
+        )
+        counts = torch.stack([c.sum(0) for c in metrics.confusion_counts(logits.argmax(1), masks, len(self.classes))])
+        self._val_totals += counts  # summed on the device: no copy to the host per batch
+
+    def on_validation_epoch_end(self):
+        # Each process saw its shard of the val split; the sum over processes is the whole split.
+        totals = self.trainer.strategy.reduce(self._val_totals, reduce_op="sum").cpu()
+        self._val_totals = None
+        summary = metrics.summarize(*(t[None] for t in totals), self.classes)
+        logged = {"val/iou_macro": summary["iou"]["macro"], "val/dice_macro": summary["dice"]["macro"]}
+        logged.update({f"val/iou_{c}": v for c, v in summary["iou"]["per_class"].items() if v is not None})
+        self.log_dict({k: float(v or 0.0) for k, v in logged.items()}, prog_bar=False, sync_dist=False)
+
+    # -- optimiser, schedule, and what a checkpoint carries besides weights ------------------------
+
+    def configure_optimizers(self):
+        cfg = self.cfg
+        fused = self.device.type == "cuda"  # one kernel for the whole update instead of one per tensor
+        if cfg.optimizer == "sgd":
+            optimizer = torch.optim.SGD(
+                self.parameters(),
+                lr=cfg.lr,
+                momentum=cfg.momentum,
+                nesterov=cfg.momentum > 0,
+                weight_decay=cfg.weight_decay,
+                fused=fused or None,
+            )
+        else:
+            optimizer = torch.optim.AdamW(self.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(cfg.warmup_epochs * total / max(1, self.trainer.max_epochs))
+        schedule = build_schedule(optimizer, cfg.schedule, cfg.lr, total, warmup)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Tensors and plain values only, so the checkpoint loads with torch.load(weights_only=True).
+        kind, keys, position, has_gauss, gauss = np.random.get_state()
+        version, python_state, python_gauss = random.getstate()
+        checkpoint["segflow_rng"] = {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss],
+            "python": [version, list(python_state), python_gauss],
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        states = checkpoint.get("segflow_rng")
+        if states:
+            torch.set_rng_state(states["torch"])
+            if states["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(states["cuda"])
+            kind, keys, position, has_gauss, gauss = states["numpy"]
+            np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
+            version, python_state, python_gauss = states["python"]
+            random.setstate((version, tuple(python_state), python_gauss))
+
+
+def build_schedule(
+    optimizer: torch.optim.Optimizer, name: str, lr: float, total: int, warmup: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """The per-step learning-rate schedule ``name`` over ``total`` steps, ``warmup`` of them linear warm-up.
+
+    onecycle is torch's (its own warm-up: 30% of the steps); cosine anneals to 0 after the warm-up;
+    poly is DeepLab's ``(1 - t/T)^0.9``; constant holds ``lr`` after the warm-up.
+    """
+    if name == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if name == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        if name == "poly":
+            return (1.0 - progress) ** 0.9
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

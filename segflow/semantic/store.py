@@ -1,0 +1,91 @@
+"""Save and load a model folder: weights (safetensors, sha256 in the card), card, preprocessing, exports.
+
+Writes are atomic (all or nothing); loads check every file against the card before use, and
+never unpickle.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from segflow.errors import SegflowError
+from segflow.io import atomic_dir, sha256_file
+from segflow.semantic import export as exporters
+from segflow.semantic.card import CARD, ModelCard, read_card
+from segflow.semantic.factory import create
+
+log = logging.getLogger(__name__)
+
+
+def save(
+    model: torch.nn.Module, card: ModelCard, preprocess: Path, out: Path, export: list[str] | tuple[str, ...] = ()
+) -> ModelCard:
+    """Write weights, card, preprocessing (and ``export`` formats) into ``out`` atomically (all or nothing).
+
+    Returns:
+        The card as written (with the weights' and exports' hashes).
+
+    Raises:
+        SegflowError: an export disagrees with PyTorch beyond :data:`segflow.semantic.export.TOLERANCE`.
+    """
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_dir(out) as tmp:
+        # One metadata key only: safetensors writes several in a random order, which
+        # would give the same weights a new hash (and DVC a new output) on every run.
+        save_file(state, tmp / card.weights, metadata={"format": "pt"})
+        exports = {name: exporters.export(name, model, card, tmp) for name in export}
+        card = card.model_copy(update={"weights_sha256": sha256_file(tmp / card.weights), "exports": exports})
+        shutil.copyfile(preprocess, tmp / card.preprocess)
+        (tmp / CARD).write_text(card.model_dump_json(indent=2) + "\n", encoding="utf-8")
+    return card
+
+
+def verify(model_dir: Path, card: ModelCard, name: str | None = None) -> Path:
+    """The path of the weights (or of export ``name``), checked against the card's sha256.
+
+    Raises:
+        SegflowError: the file is missing or was changed after training.
+    """
+    model_dir = Path(model_dir)
+    if name is None:
+        path, expected = model_dir / card.weights, card.weights_sha256
+    elif name in card.exports:
+        path, expected = model_dir / card.exports[name]["file"], card.exports[name]["sha256"]
+    else:
+        raise SegflowError(
+            f"{model_dir / CARD}: this model has no {name} export; retrain with register.export: [{name}]"
+        )
+    if not path.is_file():
+        raise SegflowError(f"{path}: not found; fetch the model again")
+    if expected is not None and sha256_file(path) != expected:
+        raise SegflowError(
+            f"{path}: its sha256 does not match {model_dir / CARD} (the file was changed after training); "
+            "refusing to load it: fetch the model again (segflow predict fetches it from the registry)"
+        )
+    return path
+
+
+def load(model_dir: Path) -> tuple[torch.nn.Module, ModelCard]:
+    """Rebuild a saved model with its verified weights, in eval mode on the CPU (no unpickling anywhere)."""
+    card = read_card(model_dir)
+    weights = verify(model_dir, card)
+    model = create(
+        card.arch,
+        card.encoder,
+        card.encoder_depth,
+        card.decoder_channels,
+        len(card.classes),
+        in_channels=card.in_channels,
+    )
+    try:
+        model.load_state_dict(load_file(weights), strict=True)
+    except (OSError, SafetensorError, RuntimeError) as error:
+        detail = " ".join(str(error).split())[:300]
+        raise SegflowError(f"{weights}: does not match {Path(model_dir) / CARD} ({detail}); retrain") from None
+    return model.eval(), card

@@ -1,0 +1,327 @@
+"""The train stage's work: fit a semantic model with Lightning, log with DVCLive, save it.
+
+Reads the manifest (``${paths.ingest}``) and the saved pipelines
+(``${paths.augment}``). Writes ``${paths.train}/model/`` (weights as
+safetensors, ``model.json`` card, ``preprocess.json``) and DVCLive's metrics
+and plots under ``${paths.train}/live/``. The weights kept are those of the
+epoch with the best validation macro IoU (the last epoch when there is no
+validation split). Resumable per-epoch checkpoints are keyed to the params,
+the input data and the library files this module imports.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import lightning as L
+import torch
+from dvclive import Live
+from dvclive.lightning import DVCLiveLogger
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_only
+from torch.utils.data import DataLoader
+
+from segflow import stage
+from segflow.deps import code_files
+from segflow.errors import SegflowError
+from segflow.layout import (
+    EVAL_PIPELINE,
+    LIVE_DIR,
+    MANIFEST,
+    MODEL_DIR,
+    TRAIN_PIPELINE,
+    image_channels,
+    load_transform,
+    read_manifest,
+    split_rows,
+)
+from segflow.params import Params, Paths, TrainParams, available_cores
+from segflow.semantic import checkpoints, factory, measure, store
+from segflow.semantic.callbacks import EpochLog
+from segflow.semantic.card import ModelCard
+from segflow.semantic.dataset import SeededSampler, SegmentationDataset, same_shape_batches
+from segflow.semantic.hardware import (
+    _strategy,
+    broadcast_buffers,
+    check_accelerator,
+    on_gpu,
+    resolve_precision,
+    weights_digest,
+)
+from segflow.semantic.module import SegmentationModule
+
+log = logging.getLogger(__name__)
+#: Where the stage keeps its resumable checkpoints, relative to the project root (see tasks/_checkpoints.py).
+CHECKPOINTS = stage.STATE_DIR / "checkpoints"
+
+
+class _StageLive(Live):
+    """DVCLive for a stage of a DVC pipeline, without DVCLive's own repository handling.
+
+    DVC runs this stage and versions what it writes (metrics and plots are
+    declared in dvc.yaml), so DVCLive has no need to find the repository. Its
+    own lookup (dvclive 3.49) crashes in a git repository without commits and
+    runs ``dvc init`` in a git repository without DVC.
+    """
+
+    def _init_dvc(self) -> None:
+        self._exp_name = self._exp_name or "segflow-train"
+        if os.getenv("DVC_ROOT"):  # set by `dvc repro` / `dvc exp run`
+            self._inside_dvc_pipeline = True
+            self._init_dvc_pipeline()
+
+
+def _loader(
+    dataset: SegmentationDataset,
+    params: TrainParams,
+    seed: int,
+    workers: int,
+    train: bool,
+    rank: int = 0,
+    world: int = 1,
+) -> DataLoader:
+    common = {
+        "num_workers": workers,
+        "persistent_workers": workers > 0,  # workers (and the cache they share) live for the whole run
+        "prefetch_factor": 4 if workers else None,
+        "pin_memory": torch.cuda.is_available(),
+    }
+    if not train:
+        # Full images, padded to the model's stride; batches group images of one size; a shard per process.
+        batches = same_shape_batches(dataset.rows, params.batch_size, rank, world)
+        return DataLoader(dataset, batch_sampler=batches, **common)
+    per_process = math.ceil(len(dataset) / world)
+    return DataLoader(
+        dataset,
+        batch_size=params.batch_size,
+        sampler=SeededSampler(len(dataset), seed, rank=rank, world=world),
+        drop_last=per_process > params.batch_size,  # a lone 1-image last batch upsets BatchNorm
+        **common,
+    )
+
+
+def _prepare_data(datasets: list[SegmentationDataset], cache_mb: int) -> str:
+    """Decode the datasets into memory when they fit in ``cache_mb`` together; says what it did."""
+    need = sum(d.decoded_bytes() for d in datasets)
+    if not cache_mb or need > cache_mb * 2**20:
+        why = "train.cache_mb is 0" if not cache_mb else f"{need / 2**20:.0f} MiB > train.cache_mb {cache_mb}"
+        return f"decoded every epoch ({why})"
+    for dataset in datasets:
+        dataset.preload(cache_mb * 2**20, threads=available_cores())
+    return f"{sum(map(len, datasets))} images decoded once and cached ({need / 2**20:.1f} MiB)"
+
+
+def _run_key(params: Params, paths: Paths) -> str:
+    """What identifies this training run for resuming: its params, input data and code."""
+    train = params.train.model_dump(mode="json", exclude=set(checkpoints.SPEED_ONLY))
+    keyed = {
+        "seed": params.seed,
+        "classes": params.classes,
+        "normalize": [params.augment.normalize.mean, params.augment.normalize.std],
+        "geometry": [params.augment.pad_divisor, params.augment.crop_size],
+        "train": train,
+        "export": params.register.export,
+    }
+    inputs = [paths.ingest / MANIFEST, paths.augment / TRAIN_PIPELINE, paths.augment / EVAL_PIPELINE]
+    return checkpoints.run_key(keyed, inputs, code_files("segflow.semantic.train"))
+
+
+def _callbacks(
+    cfg: TrainParams, folder: Path, validated: bool, started: float
+) -> tuple[list[L.Callback], ModelCheckpoint]:
+    """Epoch log, checkpoints (the last epoch's, to resume; the best by ``monitor``) and early stopping.
+
+    Raises:
+        SegflowError: ``monitor`` is a validation metric, but there is no validation split to compute it.
+    """
+    on_train = cfg.monitor.startswith("train/")  # known at the end of the training epoch, after validation
+    monitored = validated or on_train
+    if cfg.patience and not monitored:
+        raise SegflowError(
+            f"train.patience is {cfg.patience} but train.monitor {cfg.monitor} needs a validation split and there is "
+            "none; set ingest.val_fraction above 0, train.monitor: train/loss, or train.patience: 0"
+        )
+    checkpoint = ModelCheckpoint(
+        dirpath=folder,
+        filename="best",
+        monitor=cfg.monitor if monitored else None,
+        mode=cfg.resolved_mode(),
+        save_top_k=1 if monitored else 0,
+        save_last=True,
+        enable_version_counter=False,
+        save_on_train_epoch_end=on_train or not validated,
+    )
+    callbacks: list[L.Callback] = [EpochLog(started), checkpoint]
+    if cfg.patience:
+        callbacks.append(
+            EarlyStopping(
+                monitor=cfg.monitor,
+                mode=cfg.resolved_mode(),
+                patience=cfg.patience,
+                min_delta=cfg.min_delta,
+                check_on_train_epoch_end=on_train or not validated,
+                verbose=False,
+            )
+        )
+    return callbacks, checkpoint
+
+
+def run(params: Params, paths: Paths, checkpoint_root: Path | None = None, started: float | None = None) -> dict:
+    """Train and save the model under ``paths.train``.
+
+    Args:
+        checkpoint_root: where resumable per-epoch checkpoints are kept (the stage passes
+            ``.segflow/checkpoints``); None keeps them in a scratch folder removed at the end.
+        started: ``time.perf_counter()`` when the stage process started, before its imports (start-up is
+            reported from there); None: now.
+
+    Returns:
+        Training summary (also stored in the model card's ``training`` field).
+    """
+    cfg = params.train
+    check_accelerator(cfg.accelerator)
+    entered = time.perf_counter()
+    started = entered if started is None else started
+    L.seed_everything(params.seed, workers=True, verbose=False)
+    manifest = read_manifest(paths.ingest)
+    train_rows = split_rows(manifest, "train")
+    val_rows = split_rows(manifest, "val", required=False)
+    num_classes = len(params.classes)
+    channels = image_channels(manifest)
+    mean, std = params.augment.normalize.for_channels(channels)
+    train_set = SegmentationDataset(
+        paths.ingest, train_rows, load_transform(paths.augment / TRAIN_PIPELINE, params.seed)
+    )
+    val_set = SegmentationDataset(paths.ingest, val_rows, load_transform(paths.augment / EVAL_PIPELINE))
+    data_note = _prepare_data([train_set, val_set], cfg.cache_mb)
+    data_ready = time.perf_counter()
+
+    gpu = on_gpu(cfg.accelerator)
+    module = SegmentationModule(
+        factory.build(cfg, num_classes, channels),
+        cfg,
+        params.classes,
+        channels_last=cfg.use_channels_last(gpu),
+        compile=cfg.compile,
+    )
+    precision = resolve_precision(cfg.precision, cfg.accelerator)
+    # Under DDP the validation scores are computed from counts already summed over processes and the perf
+    # figures are rank 0's: Lightning's advice to sync each of them again does not apply.
+    warnings.filterwarnings("ignore", message=r".*sync_dist=True.*", category=UserWarning)
+    persistent = checkpoint_root is not None and cfg.resume
+    with contextlib.ExitStack() as stack:
+        if persistent:
+            key = _run_key(params, paths)
+            primary = rank_zero_only.rank == 0  # only rank 0 prunes; the others use the same folder
+            folder = checkpoints.folder(checkpoint_root, key) if primary else checkpoint_root / f"train-{key}"
+        else:
+            folder = stack.enter_context(stage.scratch("train"))
+        callbacks, checkpoint = _callbacks(cfg, folder, bool(len(val_set)), started)
+        live = None
+        if rank_zero_only.rank == 0:  # other DDP processes write nothing
+            live = _StageLive(dir=str(paths.train / LIVE_DIR), dvcyaml=None, save_dvc_exp=False, report=None)
+        trainer = L.Trainer(
+            max_epochs=cfg.epochs,
+            deterministic=cfg.deterministic,
+            accelerator=cfg.accelerator,
+            devices=cfg.devices,
+            num_nodes=cfg.num_nodes,
+            strategy=_strategy(cfg, module.model, channels, params.augment.pad_divisor),
+            precision=precision,
+            logger=DVCLiveLogger(experiment=live, log_model=False) if live else False,
+            callbacks=callbacks,
+            default_root_dir=folder,
+            log_every_n_steps=1,
+            num_sanity_val_steps=0,
+            enable_progress_bar=sys.stderr.isatty(),
+            enable_model_summary=False,
+            benchmark=gpu and not cfg.deterministic,  # crops have one size: cuDNN's autotuned kernels pay off
+            gradient_clip_val=cfg.grad_clip or None,
+            accumulate_grad_batches=cfg.accumulate,
+            use_distributed_sampler=False,  # our samplers shard themselves (same batches for any worker count)
+        )
+        rank, world = trainer.global_rank, trainer.world_size
+        workers = cfg.resolved_workers(gpu, world_size=max(1, world // cfg.num_nodes))
+        if trainer.is_global_zero:
+            log.info(
+                "start-up: imports %.1f s, data %.1f s (%s), model %.1f s; %d loader workers, %s%s%s%s",
+                entered - started,
+                data_ready - entered,
+                data_note,
+                time.perf_counter() - data_ready,
+                workers,
+                precision,
+                ", channels_last" if module.channels_last else "",
+                ", torch.compile" if module.compiled else "",
+                f", {world} processes (DDP)" if world > 1 else "",
+            )
+        resume = checkpoints.resumable(folder) if persistent else None
+        if resume and trainer.is_global_zero:
+            log.info("resuming from epoch %d of %d (checkpoint %s)", resume[1] + 1, cfg.epochs, resume[0])
+        fit_started = time.perf_counter()
+        trainer.fit(
+            module,
+            train_dataloaders=_loader(train_set, cfg, params.seed, workers, True, rank, world),
+            val_dataloaders=_loader(val_set, cfg, params.seed, workers, False, rank, world) if len(val_set) else None,
+            ckpt_path=resume[0] if resume else None,
+            weights_only=True,  # tensors and plain values only: loading a checkpoint runs no pickled code
+        )
+        fit_seconds = time.perf_counter() - fit_started
+        summary = {
+            "seed": params.seed,
+            "epochs": trainer.current_epoch,
+            "precision": precision,
+            "train_images": len(train_set),
+            "val_images": len(val_set),
+        }
+        if trainer.early_stopping_callback is not None and trainer.early_stopping_callback.stopped_epoch:
+            summary["stopped_early"] = True
+        if checkpoint.monitor and checkpoint.best_model_path:
+            best = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)
+            module.load_state_dict(best["state_dict"])
+            summary["monitor"] = cfg.monitor
+            summary["best_score"] = round(float(checkpoint.best_model_score), 6)
+            if cfg.monitor == "val/iou_macro":
+                summary["best_val_iou_macro"] = summary["best_score"]
+            summary["best_epoch"] = int(best["epoch"]) + 1
+        if world > 1:
+            broadcast_buffers(module.model)
+            log.info("rank %d of %d: final weights sha256 %s", rank, world, weights_digest(module.model))
+
+    if trainer.is_global_zero:
+        # A plain copy of the trained weights: no compile wrapper, default memory format, whatever the run used.
+        plain = factory.build(cfg, num_classes, channels)
+        plain.load_state_dict(module.model.state_dict())
+        summary.update(measure.size(plain, channels, params.augment.crop_size))
+        if live is not None:
+            # Wall time of this process's fit (a resumed run counts only the epochs it ran): for comparisons.
+            live.summary.setdefault("perf", {})["fit_s"] = round(fit_seconds, 2)
+            live.summary["model"] = {k: summary[k] for k in ("parameters", "gmacs")}
+            live.make_summary()
+        # Only the augment keys dvc.yaml lists for this stage (the contract test checks).
+        card = ModelCard(
+            arch=cfg.arch,
+            encoder=cfg.encoder,
+            encoder_depth=cfg.encoder_depth,
+            decoder_channels=cfg.decoder_channels,
+            in_channels=channels,
+            classes=params.classes,
+            mean=list(mean),
+            std=list(std),
+            pixel_transforms=list(params.augment.eval),
+            pad_divisor=params.augment.pad_divisor,
+            train_size=params.augment.crop_size,
+            training=summary,
+        )
+        store.save(plain, card, paths.augment / EVAL_PIPELINE, paths.train / MODEL_DIR, export=params.register.export)
+        log.info("model saved to %s (%s)", paths.train / MODEL_DIR, summary)
+        if persistent:
+            checkpoints.finished(folder)
+    return summary
