@@ -433,9 +433,10 @@ class PredictParams(_Section):
     #: Images larger than this (either side) are predicted in overlapping tiles of this size; memory is
     #: bounded by the tile, not the image. A multiple of the model's stride (augment.pad_divisor).
     tile_size: int = Field(512, ge=32)
-    #: Pixels neighbouring tiles share; their logits are blended. A quarter of it on each side of a seam
-    #: is dropped, so a model whose receptive field reaches at most overlap/4 gives exactly the
-    #: whole-image result.
+    #: Pixels neighbouring tiles share. Each pixel is taken from the tile it lies most centrally in
+    #: (a short linear crossover in the middle of the overlap), so a tile counts only from about
+    #: 3/8 * overlap off its inner edges: a model whose padding effects reach less than that gives
+    #: exactly the whole-image result.
     overlap: int = Field(128, ge=0)
     #: Tiles (or images) per forward pass.
     batch_size: int = Field(4, ge=1)

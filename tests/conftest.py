@@ -1,8 +1,13 @@
-"""Shared fixtures: a tiny seeded configuration, isolated environment, project paths."""
+"""Shared fixtures: a tiny seeded configuration, isolated environment, project paths, and the expensive
+things built once per session and handed out as cheap copies (a reproduced project, a prepared dataset)."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 # huggingface_hub reads this once, at import: set it before anything imports smp,
@@ -65,6 +70,64 @@ def tiny_params() -> Params:
 @pytest.fixture
 def tiny_paths(tiny_params, tmp_path):
     return tiny_params.paths.under(tmp_path)
+
+
+@dataclass(frozen=True)
+class Reproduced:
+    """A committed git + DVC project (this repo's code, ``TINY`` params) after one real ``dvc repro``."""
+
+    path: Path
+    #: What that first ``dvc repro`` printed (it ran every stage).
+    output: str
+
+
+@pytest.fixture(scope="session")
+def reproduced(tmp_path_factory) -> Reproduced:
+    """Built once per session; tests take copies (:func:`copy_project`), never this folder itself."""
+    from bench._util import fresh_project
+    from segflow.ops.env import stage_env
+
+    project = fresh_project(tmp_path_factory.mktemp("reproduced") / "project", TINY)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dvc", "repro"], cwd=project, env=stage_env(), capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        pytest.fail(f"dvc repro of the shared tiny project failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    for cmd in (["git", "add", "-A"], ["git", "commit", "-qm", "first good run"]):
+        subprocess.run(cmd, cwd=project, env=stage_env(), check=True, capture_output=True)
+    return Reproduced(project, proc.stdout + proc.stderr)
+
+
+def copy_project(source: Path, dest: Path) -> Path:
+    """A copy of a project folder: work tree, git repository, DVC cache and outputs (a few MB).
+
+    DVC keys its state by inode and mtime, so the copy re-hashes its outputs once and then sees them
+    as the same data: ``dvc status`` is clean and nothing reruns.
+    """
+    shutil.copytree(source, dest, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
+    return dest
+
+
+@pytest.fixture(scope="session")
+def prepared_data(tmp_path_factory) -> Path:
+    """``TINY``'s ingest and augment outputs, made once in-process (``run()`` of each stage): a source to copy."""
+    from segflow import augment
+    from segflow.data import ingest
+
+    params = parse_params(TINY)
+    paths = params.paths.under(tmp_path_factory.mktemp("prepared"))
+    ingest.run(params, paths)
+    augment.run(params, paths)
+    return paths.ingest.parent
+
+
+@pytest.fixture
+def prepared(tiny_params, tiny_paths, prepared_data):
+    """``(params, paths)`` with ingest and augment already run (copied from the shared project)."""
+    for stage in ("ingest", "augment"):
+        target = getattr(tiny_paths, stage)
+        shutil.copytree(prepared_data / target.name, target)
+    return tiny_params, tiny_paths
 
 
 def isbi_or_skip() -> Path:

@@ -8,8 +8,6 @@ import pandas as pd
 import pytest
 import torch
 
-from segflow import augment
-from segflow.data import ingest
 from segflow.layout import (
     EVAL_PIPELINE,
     METRICS,
@@ -24,13 +22,6 @@ from segflow.layout import (
 from segflow.semantic import evaluate, factory, store
 from segflow.semantic.card import ModelCard, read_card
 from segflow.semantic.dataset import SegmentationDataset
-
-
-@pytest.fixture
-def prepared(tiny_params, tiny_paths):
-    ingest.run(tiny_params, tiny_paths)
-    augment.run(tiny_params, tiny_paths)
-    return tiny_params, tiny_paths
 
 
 def test_perfect_predictions_score_one_and_padding_is_cropped(prepared):

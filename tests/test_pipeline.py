@@ -17,9 +17,9 @@ import httpx
 import pytest
 import yaml
 
-from bench._util import fresh_project, merge
+from bench._util import merge
 from segflow.ops.env import stage_env
-from tests.conftest import TINY, flow_run_named_in, run_children
+from tests.conftest import copy_project, flow_run_named_in, run_children
 
 STAGES = ["ingest", "augment", "train", "evaluate"]
 BIN = Path(sys.executable).parent
@@ -47,9 +47,10 @@ def _set_params(project: Path, override: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
-    """A committed git + DVC project: this repo's tasks/, dvc.yaml and DVC config, tiny params."""
-    return fresh_project(tmp_path_factory.mktemp("project") / "project", TINY)
+def project(tmp_path_factory, reproduced) -> Path:
+    """A committed git + DVC project (this repo's code, dvc.yaml and DVC config, tiny params) after its first
+    ``dvc repro``: a copy of the session's shared project, which ran every stage once."""
+    return copy_project(reproduced.path, tmp_path_factory.mktemp("project") / "project")
 
 
 # Credentials in the environment of every run here: none may show up in logs, artifacts or outputs.
@@ -62,9 +63,9 @@ def _segflow(project: Path, api: str, *args: str) -> subprocess.CompletedProcess
     return _run([str(BIN / "segflow"), "--root", str(project), "run", *args], project, env, False)
 
 
-def test_dvc_repro_runs_the_whole_pipeline_then_nothing(project):
-    first = _dvc(project, "repro")
-    assert _ran(first.stdout) == STAGES, first.stdout
+def test_dvc_repro_runs_the_whole_pipeline_then_nothing(project, reproduced):
+    # The first `dvc repro` of a fresh project (the shared one, of which `project` is a copy) ran every stage.
+    assert _ran(reproduced.output) == STAGES, reproduced.output
 
     data = project / "data"
     manifest = data / "ingest" / "manifest.csv"

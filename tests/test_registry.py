@@ -16,13 +16,13 @@ import pytest
 import yaml
 from PIL import Image
 
-from bench._util import fresh_project, merge
+from bench._util import merge
 from segflow.data.synthetic import make_scene
 from segflow.errors import SegflowError
 from segflow.ops.env import stage_env
 from segflow.registry import register
 from segflow.registry.fetch import fetch, load_model, resolve, versions
-from tests.conftest import TINY
+from tests.conftest import copy_project
 from tests.test_pipeline import _dvc
 
 BIN = Path(sys.executable).parent
@@ -53,9 +53,12 @@ def _segflow(project: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
+def project(tmp_path_factory, reproduced) -> Path:
+    """A copy of the session's reproduced tiny project, set to train a weak first model (so later ones beat it):
+    ingest and augment stay as they are, train and evaluate are stale."""
     base = tmp_path_factory.mktemp("registry")
-    project = fresh_project(base / "project", merge(TINY, {"train": {"epochs": 1, "lr": 0.0001}}))
+    project = copy_project(reproduced.path, base / "project")
+    _set(project, {"train": {"epochs": 1, "lr": 0.0001}})
     _dvc(project, "remote", "add", "-d", "local", str(base / "remote"))
     _git(project, "commit", "-qam", "DVC remote")
     return project

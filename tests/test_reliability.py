@@ -21,9 +21,9 @@ import httpx
 import pytest
 import yaml
 
-from bench._util import fresh_project, merge
+from bench._util import merge
 from segflow.ops.env import stage_env
-from tests.conftest import TINY
+from tests.conftest import copy_project
 from tests.test_pipeline import _dvc
 
 BIN = Path(sys.executable).parent
@@ -31,11 +31,9 @@ LONG = {"train": {"epochs": 500}}  # long enough to be killed mid-training
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
-    project = fresh_project(tmp_path_factory.mktemp("reliability") / "project", TINY)
-    _dvc(project, "repro")
-    _commit(project, "first good run")
-    return project
+def project(tmp_path_factory, reproduced) -> Path:
+    """A copy of the session's tiny project after its first good run (reproduced and committed)."""
+    return copy_project(reproduced.path, tmp_path_factory.mktemp("reliability") / "project")
 
 
 def _commit(project: Path, message: str) -> None:

@@ -180,9 +180,7 @@ def test_precision_auto_is_fp32_on_cpu_and_mixed_on_gpu(monkeypatch):
     assert hardware.resolve_precision("auto", "gpu") == "16-mixed"
 
 
-def test_stage_run_writes_model_and_metrics(tiny_params, tiny_paths):
-    ingest.run(tiny_params, tiny_paths)
-    augment.run(tiny_params, tiny_paths)
+def test_stage_run_writes_model_and_metrics(tiny_params, tiny_paths, prepared):
     summary = train.run(tiny_params, tiny_paths)
     model_dir = tiny_paths.train / MODEL_DIR
     assert sorted(p.name for p in model_dir.iterdir()) == ["model.json", "model.safetensors", "preprocess.json"]
@@ -207,12 +205,10 @@ def test_stage_run_writes_model_and_metrics(tiny_params, tiny_paths):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_stage_trains_with_mixed_precision_on_gpu(tiny_params, tiny_paths):
+def test_stage_trains_with_mixed_precision_on_gpu(tiny_params, tiny_paths, prepared):
     params = tiny_params.model_copy(
         update={"train": tiny_params.train.model_copy(update={"accelerator": "gpu", "precision": "auto"})}
     )
-    ingest.run(params, tiny_paths)
-    augment.run(params, tiny_paths)
     summary = train.run(params, tiny_paths)
     assert summary["precision"] in ("bf16-mixed", "16-mixed")
 
@@ -258,10 +254,8 @@ def test_num_workers_auto_is_the_default_and_counts_this_machine():
 
 
 @pytest.fixture
-def tiny_sets(tiny_params, tiny_paths):
+def tiny_sets(tiny_params, tiny_paths, prepared):
     """The tiny project's training and validation datasets, as the stage builds them."""
-    ingest.run(tiny_params, tiny_paths)
-    augment.run(tiny_params, tiny_paths)
     rows = read_manifest(tiny_paths.ingest)
     make = lambda split, name, seed: SegmentationDataset(  # noqa: E731
         tiny_paths.ingest, split_rows(rows, split), load_transform(tiny_paths.augment / name, seed)
@@ -320,7 +314,7 @@ def test_channels_last_and_compile_are_applied_to_the_model():
 
 
 def test_stage_trains_in_channels_last_with_sgd_clipping_accumulation_and_saves_a_plain_model(
-    tiny_params, tiny_paths, caplog
+    tiny_params, tiny_paths, prepared, caplog
 ):
     """The non-default paths in one stage run: channels_last, no cache, SGD + poly, clipping, accumulation."""
     update = {
@@ -333,8 +327,6 @@ def test_stage_trains_in_channels_last_with_sgd_clipping_accumulation_and_saves_
         "lr": 0.01,
     }
     params = tiny_params.model_copy(update={"train": tiny_params.train.model_copy(update=update)})
-    ingest.run(params, tiny_paths)
-    augment.run(params, tiny_paths)
     with caplog.at_level("INFO", logger="segflow"):
         summary = train.run(params, tiny_paths)
     assert "channels_last" in caplog.text and "decoded every epoch (train.cache_mb is 0)" in caplog.text

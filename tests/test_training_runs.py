@@ -24,9 +24,10 @@ import yaml
 from bench._util import fresh_project, merge
 from segflow import augment
 from segflow.data import ingest
+from segflow.errors import SegflowError
 from segflow.layout import EVAL_PIPELINE, MODEL_DIR, load_transform, read_manifest, split_rows
 from segflow.ops.env import stage_env
-from segflow.params import load_params
+from segflow.params import TrainParams, load_params
 from segflow.semantic import checkpoints, losses, metrics, store, train
 from segflow.semantic import dataset as datasets
 from segflow.semantic.module import NonFiniteLoss, build_schedule
@@ -115,7 +116,9 @@ def test_a_killed_run_resumes_and_ends_bit_identical_to_an_uninterrupted_one(pro
     assert _weights(project) == uninterrupted  # bit-identical: same bytes, same dvc.lock hash
 
 
-def test_a_nan_loss_stops_the_run_with_one_line_naming_epoch_step_and_causes(tiny_params, tiny_paths, monkeypatch):
+def test_a_nan_loss_stops_the_run_with_one_line_naming_epoch_step_and_causes(
+    tiny_params, tiny_paths, prepared, monkeypatch
+):
     real = losses.build_loss
 
     class Poisoned(torch.nn.Module):
@@ -130,10 +133,8 @@ def test_a_nan_loss_stops_the_run_with_one_line_naming_epoch_step_and_causes(tin
             loss = self.inner(logits, targets)
             return loss * math.nan if self.calls > 4 and torch.is_grad_enabled() else loss
 
-    monkeypatch.setattr(train, "build_loss", Poisoned)
+    monkeypatch.setattr("segflow.semantic.module.build_loss", Poisoned)
     params = tiny_params.model_copy(update={"train": tiny_params.train.model_copy(update={"epochs": 3})})
-    ingest.run(params, tiny_paths)
-    augment.run(params, tiny_paths)
     with pytest.raises(NonFiniteLoss) as caught:
         train.run(params, tiny_paths)
     message = str(caught.value)
@@ -175,7 +176,7 @@ class _Scripted(L.LightningModule):
     ],
 )
 def test_early_stopping_stops_at_the_expected_epoch(tmp_path, monitor, script, patience, stops_after):
-    cfg = train.TrainParams(monitor=monitor, patience=patience)
+    cfg = TrainParams(monitor=monitor, patience=patience)
     callbacks, checkpoint = train._callbacks(cfg, tmp_path, validated=True)
     data = [(torch.zeros(1, 1),)]
     trainer = L.Trainer(
@@ -194,8 +195,8 @@ def test_early_stopping_stops_at_the_expected_epoch(tmp_path, monitor, script, p
 
 
 def test_patience_without_a_validation_split_is_a_clear_error(tmp_path):
-    with pytest.raises(train.SegflowError, match="needs a validation split"):
-        train._callbacks(train.TrainParams(patience=3), tmp_path, validated=False)
+    with pytest.raises(SegflowError, match="needs a validation split"):
+        train._callbacks(TrainParams(patience=3), tmp_path, validated=False)
 
 
 @pytest.mark.parametrize("name", ["onecycle", "cosine", "poly", "constant"])

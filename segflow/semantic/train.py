@@ -134,7 +134,7 @@ def _run_key(params: Params, paths: Paths) -> str:
 
 
 def _callbacks(
-    cfg: TrainParams, folder: Path, validated: bool, started: float
+    cfg: TrainParams, folder: Path, validated: bool, started: float | None = None
 ) -> tuple[list[L.Callback], ModelCheckpoint]:
     """Epoch log, checkpoints (the last epoch's, to resume; the best by ``monitor``) and early stopping.
 
@@ -158,7 +158,7 @@ def _callbacks(
         enable_version_counter=False,
         save_on_train_epoch_end=on_train or not validated,
     )
-    callbacks: list[L.Callback] = [EpochLog(started), checkpoint]
+    callbacks: list[L.Callback] = [EpochLog(time.perf_counter() if started is None else started), checkpoint]
     if cfg.patience:
         callbacks.append(
             EarlyStopping(
