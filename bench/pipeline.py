@@ -71,7 +71,7 @@ def run(work: Path, repeats: int = 3) -> str:
             f"({forced_flow / forced_dvc:.2f}x `dvc repro --force`), "
             f"{(forced_flow - forced_dvc) / stages:+.1f} s per stage ({stages} stages). "
             f"No-op run against a running server: {noop_server - noop_dvc:+.1f} s against `dvc repro` "
-            "(goal: within 5 s). "
+            "(goal: within 2 s). "
             f"Demo model on the test split: macro IoU {iou:.4f}, macro Dice {dice:.4f} ({metrics['images']} images).",
         ]
     )

@@ -605,8 +605,7 @@ def load_params(path: Path | str = PARAMS_FILE) -> Params:
             "dvc.yaml): run from there, or restore the file (git checkout -- params.yaml)"
         ) from None
     try:
-        # libyaml's parser where the wheel has it: 7 ms less per read, and params are read several times a run.
-        data = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        data = yaml.safe_load(text)  # not libyaml's CSafeLoader: its error positions and messages are worse
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
