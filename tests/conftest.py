@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -17,6 +18,12 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import pytest
 
 from segflow.params import Params, parse_params
+
+# pytest-xdist's workers ignore SIGINT (the controller handles Ctrl-C), and an ignored signal is inherited
+# across exec: every server, worker and `segflow run` a test starts would then ignore the Ctrl-C it is sent,
+# and the tests of Ctrl-C behaviour would test nothing. Give the workers (and so their children) the default.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 ROOT = Path(__file__).resolve().parents[1]
 # The real ISBI 2012 membrane set, read in place (never copied); SEGFLOW_ISBI2012 points elsewhere.
@@ -140,9 +147,6 @@ def isbi_or_skip() -> Path:
 def prefect_api(tmp_path_factory) -> str:
     """One real Prefect server for the whole session, started as users start it: ``segflow server --port P``
     (127.0.0.1, its own PREFECT_HOME, the dashboard told its API port). Stopped with Ctrl-C (SIGINT) at the end."""
-    import signal
-    import subprocess
-    import sys
     import time
 
     import httpx
@@ -173,7 +177,9 @@ def prefect_api(tmp_path_factory) -> str:
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
         proc.kill()
-    log.close()
+        pytest.fail("segflow server did not stop on Ctrl-C (SIGINT) within 30 s")
+    finally:
+        log.close()
 
 
 def flow_run_named_in(output: str, api: str) -> dict:
