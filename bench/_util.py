@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from segflow.ops.env import stage_env
+from segflow.ops.env import machine, stage_env  # noqa: F401 (benchmarks take machine() from here)
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -467,6 +467,10 @@ class RegisterParams(_Section):
     commit: bool = False
     #: Extra formats the train stage writes beside the weights, each checked against PyTorch.
     export: list[Literal["onnx"]] = []
+    #: Score the champion again on the candidate's test split when the split has changed since the champion
+    #: was registered (added, removed or relabelled images), so the gate compares like with like; cached per
+    #: (version, split). false: compare with the champion's score on its own split (a frozen test set).
+    rescore: bool = True
 
 
 class ScheduleParams(_Section):

@@ -6,7 +6,9 @@ a better one with an ONNX export (promoted), a worse one (registered, not promot
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,8 +22,11 @@ from bench._util import merge
 from segflow.data.synthetic import make_scene
 from segflow.errors import SegflowError
 from segflow.ops.env import stage_env
-from segflow.registry import register
+from segflow.params import load_params
+from segflow.registry import register, rescore
 from segflow.registry.fetch import fetch, load_model, resolve, versions
+from segflow.registry.gate import fair_champion
+from segflow.semantic.evaluate import score_model
 from tests.conftest import copy_project
 from tests.test_pipeline import _dvc
 
@@ -174,21 +179,105 @@ def test_dvc_artifacts_get_fetches_a_version(project, tmp_path):
     assert {p.name for p in (tmp_path / "m").iterdir()} >= {"model.safetensors", "model.json"}
 
 
-def test_a_tampered_weights_file_is_refused(project, images, tmp_path):
+def test_a_tampered_workspace_model_is_refused_and_the_registry_falls_back_to_dvcs_copy(project, images, tmp_path):
     weights = project / "data/train/model/model.safetensors"
     original = weights.read_bytes()
     weights.unlink()  # the workspace file may be a link into DVC's cache: never write through it
     weights.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
     try:
-        proc = _segflow(
+        with pytest.raises(SegflowError) as refused:
+            load_model(str(weights.parent), project)
+        by_version = _segflow(
             project, "predict", str(images / "scene_0.png"), "--model", "segflow-model@v0.1.2", "--out", str(tmp_path)
         )
     finally:
         weights.unlink()
         weights.write_bytes(original)
-    assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines()[-1] == (
-        f"segflow: error: {weights}: its sha256 does not match {weights.parent / 'model.json'} (the file was "
-        "changed after training); refusing to load it: fetch the model again (segflow predict fetches it from "
-        "the registry)"
+    assert str(refused.value) == (
+        f"{weights}: its sha256 does not match {weights.parent / 'model.json'} (the file was changed after "
+        f"training); refusing to load it: dvc checkout {weights.parent} puts back a pipeline's model, and segflow "
+        "predict --model NAME@VERSION fetches a registered one"
     )
+    # By version, the workspace copy is not the registered one: DVC's cached copy is used instead, and said so.
+    assert by_version.returncode == 0, by_version.stderr
+    assert "dvc checkout data/train/model restores the workspace" in by_version.stderr
+    assert (tmp_path / "scene_0.png").is_file()
+
+
+def test_weights_swapped_in_dvcs_cache_are_refused_against_the_tags_card(project, images):
+    # Another version's model.json and weights put in DVC's cache under v0.1.1's hashes: DVC hands them back,
+    # their card agrees with them, and only the card committed in git with v0.1.1's tag tells.
+    from segflow.io import sha256_file
+
+    genuine = fetch(project, resolve(project, "segflow-model@v0.1.1"))
+    other = fetch(project, resolve(project, "segflow-model@v0.1.0"))
+    cache = project / ".dvc/cache/files/md5"
+    swapped = []
+    for name in ("model.safetensors", "model.json"):
+        digest = hashlib.md5((genuine / name).read_bytes()).hexdigest()
+        entry = cache / digest[:2] / digest[2:]
+        swapped.append((entry, entry.read_bytes()))
+        entry.chmod(0o644)
+        entry.write_bytes((other / name).read_bytes())
+    shutil.rmtree(genuine)  # the fetched copy: the next fetch reads DVC's cache again
+    try:
+        with pytest.raises(SegflowError) as refused:
+            load_model("segflow-model@v0.1.1", project)
+    finally:
+        for entry, data in swapped:
+            entry.write_bytes(data)
+    message = str(refused.value)
+    assert message.startswith("segflow-model@v0.1.1: the weights DVC returned have sha256 ")
+    assert sha256_file(other / "model.safetensors") in message and "\n" not in message
+    assert _card_at(project, "segflow-model@v0.1.1")["weights_sha256"] in message
+    assert fetch(project, resolve(project, "segflow-model@v0.1.1")).is_dir(), "the genuine bytes fetch again"
+
+
+def _card_at(project: Path, tag: str) -> dict:
+    return json.loads(_git(project, "show", f"{tag}:registry/segflow-model/card.json"))
+
+
+def test_an_unchanged_split_keeps_the_champions_own_score(project):
+    # v0.1.2 was compared with v0.1.1 on the same data: nothing to re-score, and the card says which split.
+    card = _card_at(project, "segflow-model@v0.1.2")
+    gate = card["registration"]["gate"]
+    assert gate["champion"] == "v0.1.1" and not gate["rescored"] and gate["split_change"] is None
+    assert card["test_split"] == _card_at(project, "segflow-model@v0.1.1")["test_split"]
+    assert card["test_split"]["images"] == card["test"]["images"] and not card["test_split"]["frozen"]
+    assert not (project / ".segflow/rescore").exists()
+
+
+def test_when_the_test_split_grows_the_champion_is_rescored_on_it(project):
+    # New data (a scheduled retrain's reason to exist): the hashed-id split puts some of it in test.
+    outcome = _train(project, {"ingest": {"synthetic": {"num_images": 40}}, "train": {"epochs": 1, "lr": 0.0001}})
+    assert outcome["registered"] and outcome["version"] == "v0.1.3" and outcome["champion_version"] == "v0.1.1"
+    assert outcome["rescored"] and not outcome["rescore_cached"]
+    assert outcome["split"]["change"].endswith("images added") and outcome["split"]["images"] > 4
+    assert f"test split changed since v0.1.1: {outcome['split']['change']}" in outcome["reason"]
+    # The champion's number is its score on *this* split, by the evaluate stage's own evaluator.
+    params = load_params(project / "params.yaml")
+    champion = fetch(project, resolve(project, "segflow-model@v0.1.1"))
+    on_this_split = score_model(champion, params, params.paths.under(project))
+    assert outcome["champion"] == on_this_split["iou"]["macro"] != outcome["champion_own"]
+    assert not outcome["promoted"], "the weak model loses against the champion on the same images"
+    info = json.loads(_git(project, "for-each-ref", "refs/tags/segflow-model@v0.1.3", "--format=%(contents)"))
+    assert info["champion_rescored"] and info["test_split_sha256"] == outcome["split"]["sha256"]
+    assert "re-scored" in (project / "registry/segflow-model/card.md").read_text()
+
+
+def test_a_better_model_on_the_changed_split_is_promoted_with_the_rescore_cached(project):
+    outcome = _train(project, {"train": {"epochs": 15, "lr": 0.003}})
+    assert outcome["version"] == "v0.1.4" and outcome["champion_version"] == "v0.1.1"
+    assert outcome["rescored"] and outcome["rescore_cached"], "same champion, same split: scored once"
+    assert outcome["promoted"], outcome
+    assert outcome["candidate"] >= outcome["champion"] + 0.005
+
+
+def test_rescore_off_compares_with_the_champions_own_split_and_says_so(project):
+    params = load_params(project / "params.yaml")
+    params = params.model_copy(update={"register": params.register.model_copy(update={"rescore": False})})
+    # v0.1.4 holds prod, scored on the current split; a split it was not scored on (another hash):
+    split = rescore.test_split(project, params) | {"sha256": "0" * 64}
+    fair = fair_champion(project, params, split)
+    assert fair["version"] == "v0.1.4" and not fair["rescored"] and fair["score"] == fair["own_score"]
+    assert "is from its own split (register.rescore: false)" in fair["note"]

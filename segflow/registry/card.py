@@ -9,8 +9,13 @@ from segflow.layout import MODEL_DIR, REPORT_JSON
 from segflow.params import Params
 
 
-def build(root: Path, params: Params, metrics: dict, info: dict) -> dict:
-    """The JSON card: the model's own card (model.json) plus test scores, data, params and registration."""
+def build(root: Path, params: Params, metrics: dict, info: dict, split: dict, gate: dict) -> dict:
+    """The JSON card: the model's own card (model.json) plus test scores, data, params and registration.
+
+    Args:
+        split: the test split scored (:func:`segflow.registry.rescore.test_split`: hash, ids, frozen).
+        gate: the champion it was compared with, on which split, and the decision.
+    """
     model = json.loads((root / params.paths.train / MODEL_DIR / "model.json").read_text())
     report_path = root / params.paths.ingest / REPORT_JSON
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
@@ -37,6 +42,8 @@ def build(root: Path, params: Params, metrics: dict, info: dict) -> dict:
             "dice": metrics["dice"],
             "pixel_accuracy": metrics.get("pixel_accuracy"),
         },
+        # Which images the scores are on: the gate of a later version compares against this split.
+        "test_split": split,
         "data": {
             "ingest_md5": info["data_md5"],
             "images": report.get("images"),
@@ -56,7 +63,8 @@ def build(root: Path, params: Params, metrics: dict, info: dict) -> dict:
             "source_commit": info["source_commit"],
             "model_md5": info["model_md5"],
             "params_sha256": info["params_sha256"],
-            "gate": {"metric": info["metric"], "value": info["metric_value"], "promoted_to": info["promoted_to"]},
+            "gate": {"metric": info["metric"], "value": info["metric_value"], "promoted_to": info["promoted_to"]}
+            | gate,
         },
         "fetch": {
             "segflow": f"segflow predict --model {name}@{version} IMAGES... --out DIR",
@@ -112,7 +120,9 @@ def markdown(card: dict) -> str:
             f"promoted to {card['registration']['gate']['promoted_to']}."
             if card["registration"]["gate"]["promoted_to"]
             else "not promoted."
-        ),
+        )
+        + (f" {card['registration']['gate']['reason']}." if card["registration"]["gate"].get("reason") else ""),
+        _split_line(card),
         "",
         "## Fetch it",
         "",
@@ -120,6 +130,22 @@ def markdown(card: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _split_line(card: dict) -> str:
+    split, gate = card.get("test_split") or {}, card["registration"]["gate"]
+    kind = (
+        "frozen by the dataset's own split lists"
+        if split.get("frozen")
+        else "assigned by hashed id, grows with the data"
+    )
+    line = f"- Test split: {split.get('images')} images, sha256 `{str(split.get('sha256'))[:16]}` ({kind})"
+    if gate.get("champion"):
+        how = "re-scored on this split" if gate.get("rescored") else "scored on this same split"
+        if gate.get("split_change") and not gate.get("rescored"):
+            how = f"its score is from its own split ({gate['split_change']})"
+        line += f"; compared with {gate['champion']} at {_num(gate.get('champion_score'))} ({how})"
+    return line + "."
 
 
 def _num(value) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -20,6 +21,8 @@ from pathlib import Path
 
 from segflow.errors import SegflowError
 from segflow.stage import STATE_DIR
+
+log = logging.getLogger(__name__)
 
 _SPEC = re.compile(r"^(?P<name>[^@#]+)(?:@(?P<version>v\d+\.\d+\.\d+)|#(?P<stage>[\w-]+))?$")
 
@@ -94,12 +97,34 @@ def resolve(root: Path, spec: str) -> Version:
     return match[0]
 
 
+def registered_weights(root: Path, version: Version) -> str | None:
+    """The weights sha256 in the card committed with ``version`` (read from git, not from DVC's files), or None
+    for versions registered before cards carried it."""
+    from segflow.registry.git import git
+
+    text = git(root, "show", f"{version.commit}:registry/{version.name}/card.json", check=False)
+    try:
+        return json.loads(text).get("weights_sha256") if text else None
+    except ValueError:
+        return None
+
+
+def _weights_sha(folder: Path, card: dict) -> str | None:
+    from segflow.io import sha256_file
+
+    path = folder / card.get("weights", "model.safetensors")
+    return sha256_file(path) if path.is_file() else None
+
+
 def fetch(root: Path, version: Version) -> Path:
     """The model folder of ``version``: the project's own when it holds exactly that model, else a copy
     fetched by version through DVC (from the local cache, or the DVC remote) into ``.segflow/models/``.
 
+    Whatever DVC hands back is checked against git: the weights' sha256 must be the one in the card committed
+    with the version's tag, so bytes swapped in DVC's cache or on a remote are refused, not loaded.
+
     Raises:
-        SegflowError: DVC has the files neither in its cache nor on a remote.
+        SegflowError: DVC has the files neither in its cache nor on a remote, or they are not the registered ones.
     """
     import dvc.api
     from dvc.exceptions import DvcException
@@ -111,16 +136,34 @@ def fetch(root: Path, version: Version) -> Path:
         raise SegflowError(
             f"{version.label}: cannot read it through DVC ({error}); dvc pull, or check the remote"
         ) from None
-    for folder in (root / artifact["path"], root / STATE_DIR / "models" / version.name / version.version):
-        with contextlib.suppress(OSError, ValueError):
-            if json.loads((folder / "model.json").read_text()) == card:
-                return folder
+    expected = registered_weights(root, version)
+    workspace = root / artifact["path"]
     target = root / STATE_DIR / "models" / version.name / version.version
+    for folder in (workspace, target):
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads((folder / "model.json").read_text()) != card:
+                continue
+            if expected is None or _weights_sha(folder, card) == expected:
+                return folder
+            if folder == workspace:
+                log.warning(
+                    "%s holds %s's card but other weights; using DVC's copy (dvc checkout %s restores the workspace)",
+                    artifact["path"],
+                    version.label,
+                    artifact["path"],
+                )
     target.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{version.version}.tmp-{os.getpid()}-", dir=target.parent))
     try:
         fs = dvc.api.DVCFileSystem(str(root), rev=version.commit)
         fs.get(artifact["path"], str(scratch / "model"), recursive=True)
+        got = _weights_sha(scratch / "model", card)
+        if expected is not None and got != expected:
+            raise SegflowError(
+                f"{version.label}: the weights DVC returned have sha256 {got} but the card committed with the tag "
+                f"names {expected}; refusing to load them: DVC's cache or remote holds other bytes for this "
+                "version (remove them from .dvc/cache and dvc pull from a remote you trust)"
+            )
         shutil.rmtree(target, ignore_errors=True)
         os.replace(scratch / "model", target)
     except (DvcException, OSError) as error:

@@ -12,7 +12,7 @@ from pathlib import Path
 from segflow.errors import SegflowError
 from segflow.layout import METRICS
 from segflow.params import Params
-from segflow.registry.fetch import versions
+from segflow.registry.fetch import Version, versions
 from segflow.registry.git import git
 
 
@@ -32,8 +32,8 @@ def metric_of(metrics: dict, dotted: str) -> float:
     return float(value)
 
 
-def champion_of(root: Path, params: Params) -> tuple[str | None, float | None]:
-    """The version holding ``register.stage`` and its metric, read from that version's own commit."""
+def champion_of(root: Path, params: Params) -> tuple[Version | None, float | None]:
+    """The version holding ``register.stage`` and its metric on its own test split (from its own commit)."""
     cfg = params.register
     holder = next((v for v in versions(root, cfg.model) if cfg.stage in v.stages), None)
     if holder is None:
@@ -41,8 +41,47 @@ def champion_of(root: Path, params: Params) -> tuple[str | None, float | None]:
     path = (params.paths.evaluate / METRICS).as_posix()
     text = git(root, "show", f"{holder.commit}:{path}", check=False)
     if not text:
-        return holder.version, holder.info.get("metric_value")
-    return holder.version, metric_of(json.loads(text), cfg.metric)
+        return holder, holder.info.get("metric_value")
+    return holder, metric_of(json.loads(text), cfg.metric)
+
+
+def fair_champion(root: Path, params: Params, split: dict) -> dict:
+    """The champion's score on the candidate's test split, and how it was obtained.
+
+    When the split changed since the champion was registered (and ``register.rescore``), the champion is
+    re-scored on the current split with the evaluate stage's evaluator; otherwise its stored score stands.
+
+    Returns:
+        ``{"version", "score", "own_score", "rescored", "cached", "change", "note"}`` (``version`` None when
+        nothing holds the stage).
+    """
+    from segflow.registry.rescore import champion_split, describe_change, rescore
+
+    cfg = params.register
+    holder, own = champion_of(root, params)
+    result = {"version": None, "score": None, "own_score": None, "rescored": False, "cached": False}
+    result |= {"change": None, "note": None}
+    if holder is None:
+        return result
+    result |= {"version": holder.version, "score": own, "own_score": own}
+    change = describe_change(champion_split(root, holder, cfg.model), split)
+    if change is None:
+        return result
+    result["change"] = change
+    if not cfg.rescore:
+        result["note"] = (
+            f"test split changed since {holder.version}: {change}; the champion's {own:.4f} is from its own split "
+            "(register.rescore: false)"
+        )
+        return result
+    metrics, cached = rescore(root, params, holder, split)
+    score = metric_of(metrics, cfg.metric)
+    result |= {"score": score, "rescored": True, "cached": cached}
+    own_text = f" ({own:.4f} on its own)" if own is not None else ""
+    result["note"] = (
+        f"test split changed since {holder.version}: {change}; champion re-scored {score:.4f} on it{own_text}"
+    )
+    return result
 
 
 def next_version(latest: str | None, part: str) -> str:

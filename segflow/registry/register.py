@@ -27,7 +27,7 @@ from segflow.ops.plan import dvc, has_remote
 from segflow.params import Params, load_params
 from segflow.registry import card
 from segflow.registry.fetch import versions
-from segflow.registry.gate import champion_of, decide, metric_of, next_version
+from segflow.registry.gate import decide, fair_champion, metric_of, next_version
 from segflow.registry.git import git
 from segflow.registry.provenance import provenance
 from segflow.stage import stage_outputs
@@ -126,8 +126,14 @@ def register(root: Path | str = ".", commit: bool | None = None) -> dict:
             "version": known[0].version,
             "reason": f"{known[0].label} already is this model (nothing was retrained)",
         }
-    champion_version, champion = champion_of(root, params)
+    from segflow.registry.rescore import test_split
+
+    split = test_split(root, params)
+    fair = fair_champion(root, params, split)
+    champion_version, champion = fair["version"], fair["score"]
     promoted, reason = decide(candidate, champion, cfg.direction, cfg.min_improvement)
+    if fair["note"]:
+        reason = f"{reason}; {fair['note']}"
     version = next_version(known[0].version if known else None, cfg.bump)
     if has_remote(root):
         code, output = dvc(root, "push")
@@ -146,8 +152,15 @@ def register(root: Path | str = ".", commit: bool | None = None) -> dict:
         "source_commit": source,
         "registered_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "promoted_to": cfg.stage if promoted else None,
+        "test_split_sha256": split["sha256"],
+        "test_images": split["images"],
+        "champion": champion_version,
+        "champion_score": champion,
+        "champion_rescored": fair["rescored"],
     }
-    document = card.build(root, params, metrics, info)
+    gate = {"champion": champion_version, "champion_score": champion, "champion_own_split_score": fair["own_score"]}
+    gate |= {"rescored": fair["rescored"], "split_change": fair["change"], "reason": reason}
+    document = card.build(root, params, metrics, info, split=split, gate=gate)
     folder = root / REGISTRY_DIR / cfg.model
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "card.json").write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
@@ -169,6 +182,10 @@ def register(root: Path | str = ".", commit: bool | None = None) -> dict:
         "stage": cfg.stage,
         "champion": champion,
         "champion_version": champion_version,
+        "champion_own": fair["own_score"],
+        "rescored": fair["rescored"],
+        "rescore_cached": fair["cached"],
+        "split": {k: split[k] for k in ("sha256", "images", "frozen")} | {"change": fair["change"]},
         "reason": reason,
         "commit": head,
         "tag": f"{cfg.model}@{version}",

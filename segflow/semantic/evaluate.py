@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -110,6 +111,42 @@ def render_predictions(dataset: SegmentationDataset, kept: dict[int, np.ndarray]
     return viz.grid(rows, classes, ["image", "truth", "prediction", "errors"])
 
 
+def test_scores(
+    model: torch.nn.Module, card: ModelCard, params: Params, paths: Paths, *, keep: int = 0, seconds=None
+) -> tuple[dict, pd.DataFrame, dict[int, np.ndarray], SegmentationDataset]:
+    """Score a model on the test split of ``paths.ingest``: what the evaluate stage writes to metrics.json.
+
+    The one evaluator: the stage, and the registry's gate when it re-scores a champion on a candidate's
+    split, both call this (same inference as ``segflow predict``, same reductions).
+
+    Args:
+        keep: also return the predictions of the first ``keep`` test images (for pictures).
+        seconds: if given, each image's inference time is appended.
+
+    Returns:
+        (metrics, per-image table, kept predictions, the test dataset).
+    """
+    rows = split_rows(read_manifest(paths.ingest), "test")
+    dataset = SegmentationDataset(paths.ingest, rows, transform=None)
+    settings = params.predict
+    predictor = infer.Predictor(
+        infer.torch_forward(model), card, settings.tile_size, settings.overlap, settings.batch_size
+    )
+    summary, per_image, kept = score(dataset, predict(predictor, dataset, seconds), card.classes, keep=keep)
+    metrics = {"split": "test", "images": len(rows), "reduction": scoring.REDUCTION, **summary}
+    return metrics, per_image, kept, dataset
+
+
+def score_model(model_dir: Path, params: Params, paths: Paths) -> dict:
+    """The metrics.json the evaluate stage would write for the model in ``model_dir`` on this test split.
+
+    Raises:
+        SegflowError: the model folder fails its checks (see :func:`segflow.semantic.store.load`).
+    """
+    model, card = store.load(model_dir)
+    return test_scores(model, card, params, paths)[0]
+
+
 def run(params: Params, paths: Paths) -> dict:
     """Evaluate the model on the test split; write metrics, tables and the preview.
 
@@ -122,16 +159,11 @@ def run(params: Params, paths: Paths) -> dict:
         log.warning(
             "model classes %s differ from params classes %s; scoring by the model's", card.classes, params.classes
         )
-    rows = split_rows(read_manifest(paths.ingest), "test")
-    dataset = SegmentationDataset(paths.ingest, rows, transform=None)
-    settings = params.predict
-    predictor = infer.Predictor(
-        infer.torch_forward(model), card, settings.tile_size, settings.overlap, settings.batch_size
-    )
-    preview = params.evaluate.preview_samples
     seconds: list[float] = []
-    summary, per_image, kept = score(dataset, predict(predictor, dataset, seconds), card.classes, keep=preview)
-    metrics = {"split": "test", "images": len(rows), "reduction": scoring.REDUCTION, **summary}
+    metrics, per_image, kept, dataset = test_scores(
+        model, card, params, paths, keep=params.evaluate.preview_samples, seconds=seconds
+    )
+    summary = metrics
 
     paths.evaluate.mkdir(parents=True, exist_ok=True)
     per_class = pd.DataFrame(
@@ -155,6 +187,6 @@ def run(params: Params, paths: Paths) -> dict:
         summary["iou"]["macro"],
         summary["iou"]["macro_foreground"],
         summary["dice"]["macro"],
-        len(rows),
+        metrics["images"],
     )
     return metrics

@@ -66,7 +66,8 @@ def verify(model_dir: Path, card: ModelCard, name: str | None = None) -> Path:
     if expected is not None and sha256_file(path) != expected:
         raise SegflowError(
             f"{path}: its sha256 does not match {model_dir / CARD} (the file was changed after training); "
-            "refusing to load it: fetch the model again (segflow predict fetches it from the registry)"
+            f"refusing to load it: dvc checkout {model_dir} puts back a pipeline's model, and segflow predict "
+            "--model NAME@VERSION fetches a registered one"
         )
     return path
 
