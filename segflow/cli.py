@@ -51,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     register_parser.add_argument(
         "--commit", action="store_true", default=None, help="commit dvc.lock, params and metrics first"
     )
+    register_parser.add_argument(
+        "--allow-dirty", action="store_true", help="register despite uncommitted code changes (the card lists them)"
+    )
     models_parser = commands.add_parser("models", help="registered versions, stages, metrics and dates")
     models_parser.add_argument("name", nargs="?", help="model name (default: register.model)")
     predict_parser = commands.add_parser("predict", help="segment images with a registered model")
@@ -133,7 +136,10 @@ def _dispatch(args: argparse.Namespace, root: Path) -> int:
     if args.command == "register":
         from segflow.registry import register
 
-        print(f"segflow: {register.summary_line(register.register(root, args.commit))}")
+        outcome = register.register(root, args.commit, allow_dirty=args.allow_dirty)
+        for line in [*outcome.get("completed", []), *outcome.get("warnings", [])]:
+            print(f"segflow: warning: {line}", file=sys.stderr)
+        print(f"segflow: {register.summary_line(outcome)}")
         return 0
     if args.command == "models":
         return _models(root, args.name)
@@ -205,7 +211,7 @@ def _predict(root: Path, args: argparse.Namespace) -> int:
 
     spec = args.model or f"{load_params(root / 'params.yaml').register.model}#prod"
     predictor = load_model(spec, root, args.backend, args.device)
-    files = list(predict.inputs(args.inputs))
+    files = list(predict.inputs(args.inputs, out=args.out))
     written, errors = predict.run(predictor, files, args.out, args.overlay, progress=sys.stderr.isatty())
     print(f"segflow: {written} mask(s) written to {args.out}" + (f"; {len(errors)} input(s) failed" if errors else ""))
     return 3 if errors else 0

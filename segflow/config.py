@@ -12,13 +12,12 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-import yaml
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
 from segflow.errors import SegflowError
 from segflow.io import atomic_path
-from segflow.params import PARAMS_FILE, parse_params
+from segflow.params import PARAMS_FILE, parse_params, read_yaml
 
 
 def _flow(value: object) -> object:
@@ -56,13 +55,11 @@ def apply(root: Path, config: Path) -> list[str]:
     """
     params_file = root / PARAMS_FILE
     try:
-        override = yaml.safe_load(config.read_text(encoding="utf-8"))
+        override = read_yaml(config.read_text(encoding="utf-8"), config)
     except FileNotFoundError:
         raise SegflowError(f"{config}: not found; give a YAML file of params to apply (see configs/)") from None
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
-        raise SegflowError(f"{config}{where}: not valid YAML ({getattr(error, 'problem', error)})") from None
+    except (UnicodeDecodeError, IsADirectoryError):
+        raise SegflowError(f"{config}: not a YAML text file; give a file of params like configs/*.yaml") from None
     if not isinstance(override, dict):
         raise SegflowError(f"{config}: expected a mapping of params sections (like params.yaml), got {override!r}")
     editor = YAML()  # round-trip: comments and key order survive
@@ -75,7 +72,7 @@ def apply(root: Path, config: Path) -> list[str]:
     buffer = io.StringIO()
     editor.dump(document, buffer)
     text = buffer.getvalue()
-    parse_params(yaml.safe_load(text), source=f"{params_file} (after applying {config})")
+    parse_params(read_yaml(text, params_file), source=f"{params_file} (after applying {config})")
     with atomic_path(params_file) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return changed

@@ -342,9 +342,10 @@ class TrainParams(_Section):
     #: Clip the gradients' global L2 norm to this (0 = off).
     grad_clip: NonNegativeFloat = 0.0
     #: Batches whose gradients are summed per optimiser step (effective batch = batch_size x this).
-    accumulate: PositiveInt = 1
-    epochs: int = Field(20, ge=1)
-    batch_size: int = Field(16, ge=1)
+    # Upper bounds catch a slip of the keyboard (1000000000 epochs) before it trains for years.
+    accumulate: int = Field(1, ge=1, le=1024)
+    epochs: int = Field(20, ge=1, le=10_000)
+    batch_size: int = Field(16, ge=1, le=4096)
     #: The metric that picks the kept epoch and drives early stopping: val/iou_macro, val/dice_macro,
     #: val/loss, or val/iou_<class>; ``mode`` auto = min for losses, max for scores.
     monitor: str = Field("val/iou_macro", pattern=r"^(val/(iou_macro|dice_macro|loss|iou_\w+)|train/loss)$")
@@ -594,6 +595,48 @@ def parse_params(data: dict | None, source: Path | str = PARAMS_FILE) -> Params:
         raise ParamsError(_describe(error, Path(source))) from None
 
 
+#: Most values a YAML document may expand to (aliases counted each time they are used): params files hold
+#: hundreds; an "alias bomb" of a few lines expands to billions and would hang whatever parses it.
+YAML_BUDGET = 100_000
+
+
+def _expanded(node, budget: int, seen: dict[int, int]) -> int:
+    """How many nodes ``node`` expands to (aliases followed), stopping once past ``budget``."""
+    if id(node) in seen:
+        return seen[id(node)]
+    total = 1
+    for child in node.value if isinstance(node.value, list) else []:
+        for part in child if isinstance(child, tuple) else (child,):
+            total += _expanded(part, budget, seen)
+        if total > budget:
+            break
+    seen[id(node)] = total
+    return total
+
+
+def read_yaml(text: str, source: Path | str) -> object:
+    """Parse YAML a person edits: one-line errors with line and column, and aliases bounded.
+
+    Raises:
+        ParamsError: not valid YAML, or aliases that expand beyond :data:`YAML_BUDGET` values.
+    """
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)  # aliases stay references here: linear in the text
+        if node is not None and _expanded(node, YAML_BUDGET, {}) > YAML_BUDGET:
+            raise ParamsError(
+                f"{source}: its YAML aliases (*name) expand to more than {YAML_BUDGET} values; write the values "
+                "out instead of nesting anchors (&name)"
+            )
+        return yaml.safe_load(text)  # not libyaml's CSafeLoader: its error positions and messages are worse
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else str(source)
+        problem = " ".join(str(getattr(error, "problem", None) or error).split())
+        raise ParamsError(
+            f"{where}: not valid YAML ({problem}); check the indentation, colons and quotes there"
+        ) from None
+
+
 def load_params(path: Path | str = PARAMS_FILE) -> Params:
     """Read and validate params.yaml; stage outputs (``paths``) must stay inside the project (its folder).
 
@@ -608,15 +651,9 @@ def load_params(path: Path | str = PARAMS_FILE) -> Params:
             f"{path.absolute()}: not found; segflow reads params.yaml from the project root (the folder holding "
             "dvc.yaml): run from there, or restore the file (git checkout -- params.yaml)"
         ) from None
-    try:
-        data = yaml.safe_load(text)  # not libyaml's CSafeLoader: its error positions and messages are worse
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        problem = " ".join(str(getattr(error, "problem", None) or error).split())
-        raise ParamsError(
-            f"{where}: not valid YAML ({problem}); check the indentation, colons and quotes there"
-        ) from None
+    except UnicodeDecodeError:
+        raise ParamsError(f"{path}: not a text file (UTF-8 YAML); restore it (git checkout -- {path.name})") from None
+    data = read_yaml(text, path)
     if data is not None and not isinstance(data, dict):
         raise ParamsError(f"{path}: must be a mapping of sections, got {type(data).__name__}")
     params = parse_params(data, path)

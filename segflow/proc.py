@@ -1,9 +1,68 @@
-"""Process liveness: name a process by pid and start time, so a reused pid is not mistaken for it."""
+"""Processes: name one by pid and start time (a reused pid is not mistaken for it); hold a file lock that
+names its holder.
+
+An ``flock`` is released by the kernel when its process ends, however it ends (a SIGKILL included), so a
+killed holder never leaves a lock behind.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import fcntl
+import json
 import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
+
+
+class Held(Exception):
+    """The lock is held by another process; ``holder`` says who (``PID n: command, since t``), ``pid`` its pid."""
+
+    def __init__(self, holder: str, pid: str):
+        super().__init__(holder)
+        self.holder, self.pid = holder, pid
+
+
+def _holder(path: Path) -> str:
+    try:
+        info = json.loads(path.read_text())
+        return f"PID {info['pid']}: {info['command']}, since {info['started']}"
+    except (OSError, ValueError, KeyError):
+        return "a process that did not say who it is"
+
+
+@contextlib.contextmanager
+def exclusive(path: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` for the block, the file saying who holds it.
+
+    Raises:
+        Held: another process holds it.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(path)
+            raise Held(holder, holder.split(":")[0].removeprefix("PID ")) from None
+        info = {
+            "pid": os.getpid(),
+            "command": " ".join(Path(a).name if i == 0 else a for i, a in enumerate(sys.argv)) or "python",
+            "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        }
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps(info).encode())
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 def process_identity(pid: int | None = None) -> str:

@@ -7,6 +7,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from segflow.errors import SegflowError
 from segflow.semantic.card import ModelCard
@@ -191,3 +192,24 @@ def test_tiles_start_on_the_model_stride_whatever_the_overlap():
     assert {y % 32 for y, _, _, _ in windows} == {0} and {x % 32 for _, x, _, _ in windows} == {0}
     starts = sorted({x for _, x, _, _ in windows})
     assert max(b - a for a, b in itertools.pairwise(starts)) <= 256 - 50, "at least the overlap asked"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given where there is no GPU")
+def test_asking_for_cuda_without_a_gpu_is_one_line():
+    from segflow.errors import SegflowError
+    from segflow.semantic.infer import torch_forward
+
+    with pytest.raises(SegflowError, match=r"^--device cuda: no CUDA GPU is visible to torch here .*--device cpu"):
+        torch_forward(torch.nn.Identity(), "cuda")
+    with pytest.raises(SegflowError, match=r"^--device gpu0: not a torch device"):
+        torch_forward(torch.nn.Identity(), "gpu0")
+
+
+def test_an_output_folder_inside_an_input_folder_is_not_read_as_input(tmp_path):
+    from segflow.semantic.predict import inputs
+
+    (tmp_path / "in" / "out").mkdir(parents=True)
+    for name in ("in/a.png", "in/b.png", "in/out/a.png"):
+        Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / name)
+    found = [p.relative_to(tmp_path).as_posix() for p in inputs([tmp_path / "in"], out=tmp_path / "in" / "out")]
+    assert found == ["in/a.png", "in/b.png"]

@@ -17,6 +17,7 @@ import tasks.ingest as ingest_stage
 from bench._util import merge
 from segflow.data import ingest
 from segflow.data.checks import RULES, Problem
+from segflow.errors import SegflowError
 from segflow.layout import REPORT_JSON, REPORT_MD
 from segflow.params import parse_params
 from tests.datasets import paired, save, scene, tree_hashes
@@ -252,3 +253,32 @@ def test_every_rule_has_a_message_that_names_a_fix():
         assert ";" in template, f"rule {rule} says what is wrong and what to do"
     with pytest.raises(KeyError):
         Problem("no_such_rule", "x")
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar.gz"])
+def test_an_archive_member_that_inflates_far_beyond_image_data_is_refused_before_extraction(tmp_path, kind):
+    from segflow.data import archive as archives
+
+    root = _dataset(tmp_path)
+    source = tmp_path / "source" / f"ds.{kind}"
+    bomb = b"\0" * (40 << 20)  # 40 MiB of zeros: a few tens of KiB packed (images do not compress 100x)
+    if kind == "zip":
+        _zip_with(root, source, {})
+        with zipfile.ZipFile(source, "a") as zf:
+            zf.writestr("ds/images/huge.png", bomb, compress_type=zipfile.ZIP_DEFLATED)
+    else:
+        with tarfile.open(source, "w:gz") as tf:
+            tf.add(root, "ds")
+            info = tarfile.TarInfo("ds/images/huge.png")
+            info.size = len(bomb)
+            tf.addfile(info, io.BytesIO(bomb))
+    before = tree_hashes(tmp_path / "source")
+    dest = tmp_path / "unpacked"
+    dest.mkdir()
+    with pytest.raises(SegflowError) as refused:
+        archives.extract(source, dest, "ds")
+    message = str(refused.value)
+    assert "\n" not in message and "refusing to extract it (a zip bomb?)" in message
+    assert message.startswith("ds:ds/images/huge.png: inflates " if kind == "zip" else "ds:(all members): inflates ")
+    assert not any(dest.rglob("*")), "nothing written"
+    assert tree_hashes(tmp_path / "source") == before

@@ -161,3 +161,37 @@ def test_the_shipped_configurations_are_valid(tmp_path):
         shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
         assert apply(tmp_path, config), config
         load_params(tmp_path / "params.yaml")
+
+
+def test_counts_have_sane_upper_bounds():
+    with pytest.raises(ParamsError, match=r"train\.epochs") as info:
+        parse_params({"train": {"epochs": 1_000_000_000}})
+    assert "\n" not in str(info.value) and "10000" in str(info.value)
+
+
+def test_a_yaml_alias_bomb_is_refused_in_one_line_before_it_expands(tmp_path):
+    levels = ["a: &a [x, x, x, x, x, x, x, x, x, x]"]
+    levels += [f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 10)}]" for i in range(8)]
+    bomb = tmp_path / "params.yaml"
+    bomb.write_text("\n".join(levels) + "\n")  # 10**9 values once expanded
+    with pytest.raises(ParamsError) as info:
+        load_params(bomb)
+    assert str(info.value).startswith(f"{bomb}: its YAML aliases (*name) expand to more than 100000 values")
+    # Ordinary aliases stay allowed.
+    (tmp_path / "ok.yaml").write_text("seed: &s 3\ningest: {val_fraction: 0.2}\n")
+    assert load_params(tmp_path / "ok.yaml").seed == 3
+
+
+def test_binary_params_and_configuration_files_are_one_line(tmp_path):
+    binary = tmp_path / "params.yaml"
+    binary.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ParamsError) as info:
+        load_params(binary)
+    assert str(info.value) == f"{binary}: not a text file (UTF-8 YAML); restore it (git checkout -- params.yaml)"
+    from segflow.config import apply
+
+    (tmp_path / "project").mkdir()
+    shutil.copy(ROOT / "params.yaml", tmp_path / "project" / "params.yaml")
+    with pytest.raises(SegflowError) as info:
+        apply(tmp_path / "project", binary)
+    assert str(info.value) == f"{binary}: not a YAML text file; give a file of params like configs/*.yaml"

@@ -281,3 +281,61 @@ def test_rescore_off_compares_with_the_champions_own_split_and_says_so(project):
     fair = fair_champion(project, params, split)
     assert fair["version"] == "v0.1.4" and not fair["rescored"] and fair["score"] == fair["own_score"]
     assert "is from its own split (register.rescore: false)" in fair["note"]
+
+
+def test_a_registration_killed_between_its_steps_is_completed_by_the_next(project):
+    """Kill -9 after the card commit (no tag yet), then again after the version tag (no stage tag yet)."""
+    _set(project, {"train": {"epochs": 2, "lr": 0.001}, "register": {"stage": "staging"}})
+    _dvc(project, "repro")
+    code = project / "flows/pipeline.py"  # uncommitted code: refused, unless allowed (and then recorded)
+    code.write_text(code.read_text() + "\n# a local experiment\n")
+    with pytest.raises(SegflowError, match=r"uncommitted changes to flows/pipeline.py: .* --allow-dirty"):
+        register.register(project, commit=True)
+
+    def killed_at(point: str) -> None:
+        proc = subprocess.run(
+            [str(BIN / "segflow"), "register", "--commit", "--allow-dirty"],
+            cwd=project,
+            env=stage_env(SEGFLOW_FAULT=f"register:{point}"),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == -9, proc.stderr
+
+    killed_at("after-commit")
+    tags = set(_git(project, "tag").split())
+    assert "segflow-model@v0.1.5" not in tags
+    assert _git(project, "log", "-1", "--format=%s").startswith("Register segflow-model v0.1.5")
+    killed_at("after-version")  # the rerun tags v0.1.5 from the committed card, then dies before the stage tag
+    tags = set(_git(project, "tag").split())
+    assert "segflow-model@v0.1.5" in tags and not any(t.startswith("segflow-model#staging") for t in tags)
+
+    done = _segflow(project, "register", "--allow-dirty")
+    assert done.returncode == 0, done.stderr
+    assert "completed an interrupted registration: assigned staging to segflow-model@v0.1.5" in done.stderr
+    assert "v0.1.5 already is this model" in done.stdout
+    code.write_text(code.read_text().removesuffix("\n# a local experiment\n"))
+    # Consistent: every version tag points at a commit holding its own card; GTO and segflow models agree.
+    for version in versions(project, "segflow-model"):
+        assert _card_at(project, f"segflow-model@{version.version}")["version"] == version.version
+    assert resolve(project, "segflow-model#staging").version == "v0.1.5"
+    listing = _segflow(project, "models")
+    assert "v0.1.5     staging" in listing.stdout, listing.stdout
+    info = _card_at(project, "segflow-model@v0.1.5")["tag_message"]
+    assert info["dirty"] == ["flows/pipeline.py"]
+    # Lineage: the source commit holds the dvc.lock of the model it names.
+    lock = yaml.safe_load(_git(project, "show", f"{info['source_commit']}:dvc.lock"))
+    (model,) = [o for o in lock["stages"]["train"]["outs"] if o["path"] == "data/train/model"]
+    assert model["md5"] == info["model_md5"]
+    assert len(_git(project, "log", "--format=%H", "--grep", "Register segflow-model v0.1.5").split()) == 1
+
+
+def test_a_second_register_at_once_gets_one_line(project):
+    from segflow.proc import exclusive
+
+    with exclusive(project / register.LOCK_FILE):
+        proc = _segflow(project, "register")
+    assert proc.returncode == 1
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(f"segflow: error: {project}: another segflow register is registering in this repository")

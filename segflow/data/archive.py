@@ -3,6 +3,9 @@
 The archive itself is only read. A member that would land outside the
 extraction folder (an absolute path, ``..``, a link pointing out, a device
 file: "zip slip") is never written; it is returned as a :class:`Problem`.
+Sizes are checked before anything is written: a member that inflates far more
+than images compress (a "zip bomb"), or members that would not fit on the disk,
+stop the extraction with one line.
 """
 
 from __future__ import annotations
@@ -17,6 +20,29 @@ from segflow.data.checks import Problem
 from segflow.errors import SegflowError
 
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
+#: A member may inflate at most this many times its compressed size (PNG/JPEG/TIFF data stays far below),
+#: once it is larger than :data:`SMALL` (tiny text files compress well and harm nothing).
+MAX_RATIO = 100
+SMALL = 16 << 20
+
+
+def _check_sizes(label: str, members: list[tuple[str, int, int | None]], dest: Path) -> None:
+    """Refuse before extracting: a member inflating beyond :data:`MAX_RATIO`, or more bytes than ``dest``'s disk
+    has free. ``members``: (name, declared size, compressed size or None)."""
+    for name, size, packed in members:
+        if packed is not None and size > SMALL and size > MAX_RATIO * max(packed, 1):
+            raise SegflowError(
+                f"{label}:{name}: inflates {size / max(packed, 1):.0f}x ({packed / 2**20:.1f} MiB to "
+                f"{size / 2**30:.2f} GiB), far beyond what image files do; refusing to extract it (a zip bomb?): "
+                "check where the archive came from"
+            )
+    total = sum(size for name, size, _ in members if name != "(all members)")
+    free = shutil.disk_usage(dest).free
+    if total > free:
+        raise SegflowError(
+            f"{label}: unpacks to {total / 2**30:.2f} GiB but {dest} has {free / 2**30:.2f} GiB free; "
+            "free some space, or unpack it yourself and point ingest.path at the folder"
+        )
 
 
 def is_archive(path: Path) -> bool:
@@ -40,6 +66,7 @@ def _extract_zip(archive: Path, dest: Path, label: str) -> list[Problem]:
     problems = []
     try:
         with zipfile.ZipFile(archive) as zf:
+            _check_sizes(label, [(i.filename, i.file_size, i.compress_size) for i in zf.infolist()], dest)
             for info in zf.infolist():
                 reason = _unsafe_zip_member(info)
                 if reason:
@@ -60,7 +87,12 @@ def _extract_tar(archive: Path, dest: Path, label: str) -> list[Problem]:
     problems = []
     try:
         with tarfile.open(archive, mode="r:*") as tf:
-            for member in tf:
+            members = tf.getmembers()  # headers only (a compressed tar is inflated once, not written)
+            sizes = [(m.name, m.size, None) for m in members if m.isfile()]
+            if not archive.name.lower().endswith(".tar"):  # compressed as a whole: its ratio is the archive's
+                sizes.append(("(all members)", sum(size for _, size, _ in sizes), archive.stat().st_size))
+            _check_sizes(label, sizes, dest)
+            for member in members:
                 try:
                     # The standard library's "data" filter refuses exactly the members we must not write.
                     tarfile.data_filter(member, str(dest))

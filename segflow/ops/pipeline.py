@@ -70,6 +70,8 @@ def register_model(root: str, commit: bool | None):
     except SegflowError as error:
         logger.error("%s", error)
         return Failed(message=f"register: {error}")
+    for note in [*outcome.get("completed", []), *outcome.get("warnings", [])]:
+        logger.warning("%s", note)
     line = register.summary_line(outcome)
     logger.info("%s", line)
     rows = "\n".join(f"| {k} | `{v}` |" for k, v in outcome.items())

@@ -19,20 +19,28 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
+import signal
+import time
 from pathlib import Path
 
 from segflow.errors import SegflowError
 from segflow.layout import METRICS
 from segflow.ops.plan import dvc, has_remote
 from segflow.params import Params, load_params
+from segflow.proc import Held, exclusive
 from segflow.registry import card
 from segflow.registry.fetch import versions
 from segflow.registry.gate import decide, fair_champion, metric_of, next_version
 from segflow.registry.git import git
 from segflow.registry.provenance import provenance
-from segflow.stage import stage_outputs
+from segflow.stage import STATE_DIR, stage_outputs
 
 REGISTRY_DIR = Path("registry")
+#: One registration at a time in a repository.
+LOCK_FILE = STATE_DIR / "register.lock"
+#: Test-only fault injection (see :func:`_fault`).
+FAULT_ENV = "SEGFLOW_FAULT"
 
 
 def _pipeline_files(root: Path, params: Params) -> set[str]:
@@ -56,8 +64,11 @@ def _changes(root: Path, allowed: set[str]) -> list[str]:
     return tracked + [path for path in new if path in allowed or path.startswith(tuple(f"{a}/" for a in allowed))]
 
 
-def _check_ready(root: Path, params: Params, commit: bool) -> list[str]:
-    """Refuse a stale pipeline or uncommitted pipeline files; return the files to commit.
+def _check_ready(root: Path, params: Params, commit: bool, allow_dirty: bool) -> tuple[list[str], list[str]]:
+    """Refuse a stale pipeline, uncommitted pipeline files or (unless ``allow_dirty``) other uncommitted changes.
+
+    Returns:
+        (the pipeline files to commit, the other files with uncommitted changes: recorded when allowed).
 
     Raises:
         SegflowError: the message says what to run.
@@ -78,24 +89,30 @@ def _check_ready(root: Path, params: Params, commit: bool) -> list[str]:
     pipeline = [p for p in changed if p in allowed or p.startswith(tuple(f"{a}/" for a in allowed))]
     pipeline.sort(key=lambda p: (p not in ("dvc.lock", "params.yaml"), p))  # the telling ones first
     others = [p for p in changed if p not in pipeline and not p.startswith(f"{REGISTRY_DIR}/")]
-    if others and (commit or pipeline):
+    if others and not allow_dirty:
         raise SegflowError(
             f"uncommitted changes to {', '.join(others[:4])}{' ...' if len(others) > 4 else ''}: commit them "
-            "(the registered version must say which code made it), then register"
+            "(the registered version must say which code made it), then register; or register anyway with "
+            "--allow-dirty (the card records the files)"
         )
     if pipeline and not commit:
         raise SegflowError(
             f"uncommitted pipeline results ({', '.join(pipeline[:4])}{' ...' if len(pipeline) > 4 else ''}): "
             "git add and commit them, or set register.commit: true (segflow register --commit)"
         )
-    return pipeline
+    return pipeline, others
 
 
-def register(root: Path | str = ".", commit: bool | None = None) -> dict:
+def register(root: Path | str = ".", commit: bool | None = None, allow_dirty: bool = False) -> dict:
     """Register the workspace's model as the next version; promote it through the gate.
+
+    One registration at a time per repository (a lock; a second one gets one line). A registration is
+    one unit: the card commit, the version tag and the stage tag. One that was killed between them is
+    completed by the next ``register`` (from the card it committed), before anything else.
 
     Args:
         commit: commit the pipeline's results first (default: ``register.commit``).
+        allow_dirty: register although other tracked files have uncommitted changes (the card lists them).
 
     Returns:
         The outcome: model, version, registered, promoted, stage, metric, candidate, champion,
@@ -104,13 +121,23 @@ def register(root: Path | str = ".", commit: bool | None = None) -> dict:
     Raises:
         SegflowError: a stale pipeline, uncommitted files, no model or metrics, or a git/GTO failure.
     """
-    from gto import api
-
     root = Path(root).resolve()
     params = load_params(root / "params.yaml")
+    try:
+        with exclusive(root / LOCK_FILE):
+            return _register(root, params, params.register.commit if commit is None else commit, allow_dirty)
+    except Held as held:
+        raise SegflowError(
+            f"{root}: another segflow register is registering in this repository ({held.holder}); "
+            "wait for it to finish, then run segflow register again"
+        ) from None
+
+
+def _register(root: Path, params: Params, commit: bool, allow_dirty: bool) -> dict:
     cfg = params.register
-    commit = cfg.commit if commit is None else commit
-    to_commit = _check_ready(root, params, commit)
+    completed = _complete_interrupted(root, cfg.model)
+    to_commit, dirty = _check_ready(root, params, commit, allow_dirty)
+    warnings = [] if _on_branch(root) else ["HEAD is detached: the registration commit is on no branch"]
     metrics_path = root / params.paths.evaluate / METRICS
     if not metrics_path.is_file():
         raise SegflowError(f"{metrics_path}: not found; run the pipeline (segflow run) before registering")
@@ -119,6 +146,7 @@ def register(root: Path | str = ".", commit: bool | None = None) -> dict:
     origin = provenance(root)
     known = versions(root, cfg.model)
     outcome = {"model": cfg.model, "metric": cfg.metric, "direction": cfg.direction, "candidate": candidate}
+    outcome |= {"completed": completed, "warnings": warnings}
     if known and known[0].info.get("model_md5") == origin["model_md5"]:
         return outcome | {
             "registered": False,
@@ -134,11 +162,17 @@ def register(root: Path | str = ".", commit: bool | None = None) -> dict:
     promoted, reason = decide(candidate, champion, cfg.direction, cfg.min_improvement)
     if fair["note"]:
         reason = f"{reason}; {fair['note']}"
-    version = next_version(known[0].version if known else None, cfg.bump)
+    version = next_version(_latest_tagged(root, cfg.model, known), cfg.bump)
     if has_remote(root):
         code, output = dvc(root, "push")
         if code != 0:
             raise SegflowError(f"dvc push failed before registering: {output.splitlines()[-1] if output else code}")
+    if to_commit:
+        # The results first, in their own commit: the version's source commit then holds its dvc.lock.
+        git(root, "add", "--", *to_commit)
+        git(root, "commit", "-q", "-m", f"Pipeline results for {cfg.model} {version}", "--only", "--", *to_commit)
+        origin = provenance(root)
+        to_commit = []
     source = origin["commit"]
     info = {
         "version": version,
@@ -157,10 +191,12 @@ def register(root: Path | str = ".", commit: bool | None = None) -> dict:
         "champion": champion_version,
         "champion_score": champion,
         "champion_rescored": fair["rescored"],
+        "dirty": dirty,
     }
     gate = {"champion": champion_version, "champion_score": champion, "champion_own_split_score": fair["own_score"]}
     gate |= {"rescored": fair["rescored"], "split_change": fair["change"], "reason": reason}
     document = card.build(root, params, metrics, info, split=split, gate=gate)
+    document["tag_message"] = info  # what the version tag says: an interrupted registration is completed from it
     folder = root / REGISTRY_DIR / cfg.model
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "card.json").write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
@@ -172,9 +208,11 @@ def register(root: Path | str = ".", commit: bool | None = None) -> dict:
     message = f"Register {cfg.model} {version}: test {cfg.metric} {candidate:.4f} ({verdict})"
     git(root, "commit", "-q", "-m", message, "--only", "--", *paths)
     head = git(root, "rev-parse", "HEAD").strip()
-    api.register(str(root), cfg.model, "HEAD", version=version, message=json.dumps(info, sort_keys=True))
+    _fault("after-commit")
+    _tag(root, cfg.model, head, info)
+    _fault("after-version")
     if promoted:
-        api.assign(str(root), cfg.model, cfg.stage, version=version, message=json.dumps({"reason": reason}))
+        _assign(root, cfg.model, cfg.stage, version, reason)
     return outcome | {
         "registered": True,
         "promoted": promoted,
@@ -191,6 +229,93 @@ def register(root: Path | str = ".", commit: bool | None = None) -> dict:
         "tag": f"{cfg.model}@{version}",
         "card": str((folder / "card.md").relative_to(root)),
     }
+
+
+def _fault(point: str) -> None:
+    """Test-only fault injection: ``SEGFLOW_FAULT=register:<point>`` SIGKILLs this process there."""
+    if os.environ.get(FAULT_ENV) == f"register:{point}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _on_branch(root: Path) -> bool:
+    return bool(git(root, "symbolic-ref", "-q", "HEAD", check=False).strip())
+
+
+def _latest_tagged(root: Path, model: str, known: list) -> str | None:
+    """The highest version of ``model`` among GTO's versions and every ``model@v*`` git tag (a deprecated or
+    hand-made tag still takes its number: never two versions with one number)."""
+    found = {v.version for v in known}
+    found |= {t.split("@", 1)[1] for t in git(root, "tag", "--list", f"{model}@v*", check=False).split()}
+    numbers = [tuple(int(x) for x in v.lstrip("v").split(".")) for v in found if v.lstrip("v").count(".") == 2]
+    return "v" + ".".join(map(str, max(numbers))) if numbers else None
+
+
+def _tag(root: Path, model: str, commit: str, info: dict) -> None:
+    from gto import api
+    from gto.exceptions import GTOException
+
+    try:
+        api.register(str(root), model, commit, version=info["version"], message=json.dumps(info, sort_keys=True))
+    except GTOException as error:
+        raise SegflowError(
+            f"gto could not tag {model}@{info['version']} ({' '.join(str(error).split())}); run segflow register "
+            "again: it completes the registration from the committed card"
+        ) from None
+
+
+def _assign(root: Path, model: str, stage: str, version: str, reason: str, attempts: int = 3) -> None:
+    """``gto assign``, retried: a failure between the version tag and the stage tag must not stick."""
+    from gto import api
+    from gto.exceptions import GTOException
+
+    for attempt in range(1, attempts + 1):
+        try:
+            api.assign(str(root), model, stage, version=version, message=json.dumps({"reason": reason}))
+            return
+        except GTOException as error:
+            if attempt == attempts:
+                raise SegflowError(
+                    f"gto could not assign {stage} to {model}@{version} ({' '.join(str(error).split())}); "
+                    "run segflow register again: it completes the assignment"
+                ) from None
+            time.sleep(attempt)
+
+
+def _complete_interrupted(root: Path, model: str) -> list[str]:
+    """Finish a registration that was killed after committing its card: its version tag, then its stage tag.
+
+    Returns:
+        What was completed, one line each (nothing when the registry is consistent).
+    """
+    path = f"{REGISTRY_DIR}/{model}/card.json"
+    commit = git(root, "log", "-n", "1", "--format=%H", "--", path, check=False).strip()
+    if not commit:
+        return []
+    try:
+        info = json.loads(git(root, "show", f"{commit}:{path}")).get("tag_message")
+    except ValueError:
+        return []
+    if not info:  # a card from before registrations could be completed
+        return []
+    done = []
+    tag = f"{model}@{info['version']}"
+    at_commit = git(root, "tag", "--points-at", commit, check=False).split()
+    # GTO marks a deregistered version with `<tag>!...`: the user's decision, not an interruption.
+    deregistered = git(root, "tag", "--list", f"{tag}!*", check=False).split()
+    if tag not in at_commit and not deregistered:
+        if git(root, "tag", "--list", tag, check=False).strip():
+            raise SegflowError(
+                f"{tag} already tags another commit than its card ({commit[:12]}); the registry was changed by "
+                f"hand: delete one of them (git tag -d {tag}, or git revert {commit[:12]}), then register"
+            )
+        _tag(root, model, commit, info)
+        done.append(f"completed an interrupted registration: tagged {tag} (its card was committed, its tag was not)")
+        _fault("after-version")
+    stage = info.get("promoted_to")
+    if stage and not any(t.startswith((f"{model}#{stage}#", f"{model}#{stage}!#")) for t in at_commit):
+        _assign(root, model, stage, info["version"], "completing an interrupted registration")
+        done.append(f"completed an interrupted registration: assigned {stage} to {tag}")
+    return done
 
 
 def summary_line(outcome: dict) -> str:

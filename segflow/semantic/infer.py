@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from segflow.errors import SegflowError
 from segflow.semantic.card import ModelCard
 
 #: A model as a function: (N, C, H, W) float32 to logits (N, K, H, W) float32.
@@ -167,6 +168,15 @@ def torch_forward(model, device: str | None = None) -> Forward:
     import torch
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise SegflowError(f"--device {device}: not a torch device; use cpu, cuda or cuda:N") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise SegflowError(
+            f"--device {device}: no CUDA GPU is visible to torch here (no driver, or CUDA_VISIBLE_DEVICES "
+            "hides it); use --device cpu, or leave --device out"
+        )
     model = model.to(device).eval()
 
     @torch.inference_mode()
@@ -181,8 +191,6 @@ def onnx_forward(path: Path) -> Forward:
     try:
         import onnxruntime
     except ImportError:
-        from segflow.errors import SegflowError
-
         raise SegflowError("--backend onnx needs onnxruntime: pip install -e '.[onnx]'") from None
     available = onnxruntime.get_available_providers()
     providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]

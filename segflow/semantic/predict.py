@@ -20,14 +20,23 @@ _EXTENSIONS = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".gif"
 MAX_PIXELS = 400_000_000
 
 
-def inputs(paths: list[Path]) -> Iterator[Path]:
-    """Files named, and image files under folders named (sorted, hidden files left out)."""
+def inputs(paths: list[Path], out: Path | None = None) -> Iterator[Path]:
+    """Files named, and image files under folders named (sorted, hidden files left out).
+
+    Args:
+        out: the output folder: left out of the folders walked, so an ``--out`` inside an input folder
+            does not feed the masks of one run to the next as images.
+    """
+    skip = Path(out).resolve() if out is not None else None
     for path in paths:
         if path.is_dir():
             yield from sorted(
                 p
                 for p in path.rglob("*")
-                if p.is_file() and p.suffix.lower() in _EXTENSIONS and not p.name.startswith(".")
+                if p.is_file()
+                and p.suffix.lower() in _EXTENSIONS
+                and not p.name.startswith(".")
+                and not (skip is not None and p.resolve().is_relative_to(skip))
             )
         else:
             yield path
