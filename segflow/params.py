@@ -620,14 +620,18 @@ def read_yaml(text: str, source: Path | str) -> object:
     Raises:
         ParamsError: not valid YAML, or aliases that expand beyond :data:`YAML_BUDGET` values.
     """
+    # Not libyaml's CSafeLoader: its error positions and messages are worse.
+    loader = yaml.SafeLoader(text)
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)  # aliases stay references here: linear in the text
-        if node is not None and _expanded(node, YAML_BUDGET, {}) > YAML_BUDGET:
+        node = loader.get_single_node()  # aliases stay references here: composing is linear in the text
+        if node is None:
+            return None
+        if _expanded(node, YAML_BUDGET, {}) > YAML_BUDGET:
             raise ParamsError(
                 f"{source}: its YAML aliases (*name) expand to more than {YAML_BUDGET} values; write the values "
                 "out instead of nesting anchors (&name)"
             )
-        return yaml.safe_load(text)  # not libyaml's CSafeLoader: its error positions and messages are worse
+        return loader.construct_document(node)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else str(source)
@@ -635,6 +639,12 @@ def read_yaml(text: str, source: Path | str) -> object:
         raise ParamsError(
             f"{where}: not valid YAML ({problem}); check the indentation, colons and quotes there"
         ) from None
+    finally:
+        loader.dispose()
+
+
+#: Validated params by (file, its text): one run reads params.yaml in several places.
+_LOADED: dict[tuple[str, str], Params] = {}
 
 
 def load_params(path: Path | str = PARAMS_FILE) -> Params:
@@ -653,10 +663,16 @@ def load_params(path: Path | str = PARAMS_FILE) -> Params:
         ) from None
     except UnicodeDecodeError:
         raise ParamsError(f"{path}: not a text file (UTF-8 YAML); restore it (git checkout -- {path.name})") from None
-    data = read_yaml(text, path)
-    if data is not None and not isinstance(data, dict):
-        raise ParamsError(f"{path}: must be a mapping of sections, got {type(data).__name__}")
-    params = parse_params(data, path)
+    key = (str(path.absolute()), text)
+    if key not in _LOADED:
+        data = read_yaml(text, path)
+        if data is not None and not isinstance(data, dict):
+            raise ParamsError(f"{path}: must be a mapping of sections, got {type(data).__name__}")
+        params = parse_params(data, path)
+        _LOADED.clear()  # one file's current text is all a process needs
+        _LOADED[key] = params
+    params = _LOADED[key].model_copy(deep=True)  # callers may change their copy
+    # Checked every time: the paths are resolved against the file system (links can change).
     check_paths(params, path.absolute().parent, path)
     return params
 
