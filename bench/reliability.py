@@ -121,6 +121,70 @@ PROMISES = [
         "The user's dataset is only read: every bad-input case leaves the source folder's hashes unchanged",
         ["tests/test_ingest_checks.py::test_bad_input_stops_with_one_line_naming_the_file"],
     ),
+    (
+        "An archive member that inflates far beyond image data (a zip bomb), or archives that would overflow "
+        "the disk, are refused with one line before anything is written",
+        [
+            "tests/test_ingest_checks.py::test_an_archive_member_that_inflates_far_beyond_image_data_is_refused_before_extraction"
+        ],
+    ),
+    (
+        "Registry (in order, on one repository): a stale or uncommitted pipeline is refused; the first version "
+        "goes to prod; a better model is promoted, a worse one registered but not promoted",
+        [
+            "tests/test_registry.py::test_a_stale_or_uncommitted_pipeline_is_refused",
+            "tests/test_registry.py::test_the_first_version_goes_to_prod",
+            "tests/test_registry.py::test_an_unchanged_model_is_not_registered_again",
+            "tests/test_registry.py::test_a_better_model_is_promoted",
+            "tests/test_registry.py::test_a_worse_model_is_registered_but_not_promoted",
+            "tests/test_registry.py::test_predict_by_version_and_by_stage",
+            "tests/test_registry.py::test_onnx_and_pytorch_agree",
+            "tests/test_registry.py::test_tiled_and_whole_masks_of_a_trained_model_agree",
+            "tests/test_registry.py::test_dvc_artifacts_get_fetches_a_version",
+        ],
+    ),
+    (
+        "A changed workspace model is refused when loaded as a folder (one line naming `dvc checkout`), and "
+        "passed over for DVC's copy when fetched by version; weights swapped in DVC's cache are refused "
+        "against the card committed in git with the tag, naming both hashes",
+        [
+            "tests/test_registry.py::test_a_tampered_workspace_model_is_refused_and_the_registry_falls_back_to_dvcs_copy",
+            "tests/test_registry.py::test_weights_swapped_in_dvcs_cache_are_refused_against_the_tags_card",
+        ],
+    ),
+    (
+        "The gate compares like with like: with the test split unchanged the champion's own score stands; "
+        "after it changed the champion is re-scored on the candidate's split (both scores in the outcome, "
+        "card and tag), a worse model is not promoted and a better one is, the re-score cached; "
+        "`register.rescore: false` says it compared across splits",
+        [
+            "tests/test_registry.py::test_an_unchanged_split_keeps_the_champions_own_score",
+            "tests/test_registry.py::test_when_the_test_split_grows_the_champion_is_rescored_on_it",
+            "tests/test_registry.py::test_a_better_model_on_the_changed_split_is_promoted_with_the_rescore_cached",
+            "tests/test_registry.py::test_rescore_off_compares_with_the_champions_own_split_and_says_so",
+        ],
+    ),
+    (
+        "A registration killed (SIGKILL) after its card commit, and again after its version tag, is completed "
+        "by the next `segflow register`: every version tag points at a commit holding its card, `gto show` "
+        "and `segflow models` agree, one commit per version; uncommitted code is refused unless "
+        "`--allow-dirty` (then recorded); the source commit holds the model's dvc.lock",
+        ["tests/test_registry.py::test_a_registration_killed_between_its_steps_is_completed_by_the_next"],
+    ),
+    (
+        "Two `segflow register` at once: the second gets one line naming the first",
+        ["tests/test_registry.py::test_a_second_register_at_once_gets_one_line"],
+    ),
+    (
+        "One line, not a traceback: `--device cuda` without a GPU, a binary params.yaml or configuration, a "
+        "YAML alias bomb (refused before it expands), `train.epochs: 1000000000`",
+        [
+            "tests/test_infer.py::test_asking_for_cuda_without_a_gpu_is_one_line",
+            "tests/test_params.py::test_binary_params_and_configuration_files_are_one_line",
+            "tests/test_params.py::test_a_yaml_alias_bomb_is_refused_in_one_line_before_it_expands",
+            "tests/test_params.py::test_counts_have_sane_upper_bounds",
+        ],
+    ),
 ]
 
 REPRODUCIBILITY = """\

@@ -88,21 +88,42 @@ class Reproduced:
     output: str
 
 
+def _once(tmp_path_factory, name: str, build) -> tuple[Path, str]:
+    """``build(folder) -> str`` run once per test run, even across pytest-xdist workers (a file lock in the
+    run's shared temporary folder); every caller gets the folder and what ``build`` returned."""
+    import fcntl
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # the workers' common parent
+    folder, done = shared / name, shared / f"{name}.done"
+    with (shared / f"{name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the first worker builds, the others wait for it
+        if not done.is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+            done.write_text(build(folder))  # written last: a failed build is rebuilt, not half-used
+    return folder, done.read_text()
+
+
 @pytest.fixture(scope="session")
 def reproduced(tmp_path_factory) -> Reproduced:
-    """Built once per session; tests take copies (:func:`copy_project`), never this folder itself."""
+    """Built once per test run; tests take copies (:func:`copy_project`), never this folder itself."""
     from bench._util import fresh_project
     from segflow.ops.env import stage_env
 
-    project = fresh_project(tmp_path_factory.mktemp("reproduced") / "project", TINY)
-    proc = subprocess.run(
-        [sys.executable, "-m", "dvc", "repro"], cwd=project, env=stage_env(), capture_output=True, text=True
-    )
-    if proc.returncode != 0:
-        pytest.fail(f"dvc repro of the shared tiny project failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    for cmd in (["git", "add", "-A"], ["git", "commit", "-qm", "first good run"]):
-        subprocess.run(cmd, cwd=project, env=stage_env(), check=True, capture_output=True)
-    return Reproduced(project, proc.stdout + proc.stderr)
+    def build(folder: Path) -> str:
+        project = fresh_project(folder / "project", TINY)
+        proc = subprocess.run(
+            [sys.executable, "-m", "dvc", "repro"], cwd=project, env=stage_env(), capture_output=True, text=True
+        )
+        if proc.returncode != 0:
+            pytest.fail(f"dvc repro of the shared tiny project failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        for cmd in (["git", "add", "-A"], ["git", "commit", "-qm", "first good run"]):
+            subprocess.run(cmd, cwd=project, env=stage_env(), check=True, capture_output=True)
+        return proc.stdout + proc.stderr
+
+    folder, output = _once(tmp_path_factory, "reproduced", build)
+    return Reproduced(folder / "project", output)
 
 
 def copy_project(source: Path, dest: Path) -> Path:
@@ -118,14 +139,19 @@ def copy_project(source: Path, dest: Path) -> Path:
 @pytest.fixture(scope="session")
 def prepared_data(tmp_path_factory) -> Path:
     """``TINY``'s ingest and augment outputs, made once in-process (``run()`` of each stage): a source to copy."""
-    from segflow import augment
-    from segflow.data import ingest
 
-    params = parse_params(TINY)
-    paths = params.paths.under(tmp_path_factory.mktemp("prepared"))
-    ingest.run(params, paths)
-    augment.run(params, paths)
-    return paths.ingest.parent
+    def build(folder: Path) -> str:
+        from segflow import augment
+        from segflow.data import ingest
+
+        params = parse_params(TINY)
+        paths = params.paths.under(folder)
+        ingest.run(params, paths)
+        augment.run(params, paths)
+        return str(paths.ingest.parent)
+
+    _, data = _once(tmp_path_factory, "prepared", build)
+    return Path(data)
 
 
 @pytest.fixture
