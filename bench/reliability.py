@@ -160,7 +160,7 @@ PROMISES = [
         [
             "tests/test_registry.py::test_an_unchanged_split_keeps_the_champions_own_score",
             "tests/test_registry.py::test_when_the_test_split_grows_the_champion_is_rescored_on_it",
-            "tests/test_registry.py::test_a_better_model_on_the_changed_split_is_promoted_with_the_rescore_cached",
+            "tests/test_registry.py::test_a_better_model_on_the_changed_split_is_promoted_though_its_registration_is_killed_twice",
             "tests/test_registry.py::test_rescore_off_compares_with_the_champions_own_split_and_says_so",
         ],
     ),
@@ -169,7 +169,9 @@ PROMISES = [
         "by the next `segflow register`: every version tag points at a commit holding its card, `gto show` "
         "and `segflow models` agree, one commit per version; uncommitted code is refused unless "
         "`--allow-dirty` (then recorded); the source commit holds the model's dvc.lock",
-        ["tests/test_registry.py::test_a_registration_killed_between_its_steps_is_completed_by_the_next"],
+        [
+            "tests/test_registry.py::test_a_better_model_on_the_changed_split_is_promoted_though_its_registration_is_killed_twice"
+        ],
     ),
     (
         "Two `segflow register` at once: the second gets one line naming the first",

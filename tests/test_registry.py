@@ -265,13 +265,59 @@ def test_when_the_test_split_grows_the_champion_is_rescored_on_it(project):
     assert "re-scored" in (project / "registry/segflow-model/card.md").read_text()
 
 
-def test_a_better_model_on_the_changed_split_is_promoted_with_the_rescore_cached(project):
+def _killed_at(project: Path, point: str) -> None:
+    """``segflow register --commit --allow-dirty``, SIGKILLed by its fault point ``point``."""
+    proc = subprocess.run(
+        [str(BIN / "segflow"), "register", "--commit", "--allow-dirty"],
+        cwd=project,
+        env=stage_env(SEGFLOW_FAULT=f"register:{point}"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == -9, proc.stderr
+
+
+def test_a_better_model_on_the_changed_split_is_promoted_though_its_registration_is_killed_twice(project):
+    """The better candidate's registration is SIGKILLed after its card commit, then again after its version tag
+    (no stage tag yet): the next `segflow register` completes it, and the outcome is the gate's."""
     # More optimiser steps than the champion had (batch 2, more data), for a clear win at a small cost.
-    outcome = _train(project, {"train": {"epochs": 6, "batch_size": 2, "lr": 0.003}})
-    assert outcome["version"] == "v0.1.4" and outcome["champion_version"] == "v0.1.1"
-    assert outcome["rescored"] and outcome["rescore_cached"], "same champion, same split: scored once"
-    assert outcome["promoted"], outcome
-    assert outcome["candidate"] >= outcome["champion"] + 0.005, outcome
+    _set(project, {"train": {"epochs": 6, "batch_size": 2, "lr": 0.003}})
+    _dvc(project, "repro")
+    code = project / "flows/pipeline.py"  # uncommitted code: refused, unless allowed (and then recorded)
+    code.write_text(code.read_text() + "\n# a local experiment\n")
+    with pytest.raises(SegflowError, match=r"uncommitted changes to flows/pipeline.py: .* --allow-dirty"):
+        register.register(project, commit=True)
+    rescored = sorted((project / ".segflow/rescore").rglob("*.json"))
+
+    _killed_at(project, "after-commit")
+    assert "segflow-model@v0.1.4" not in _git(project, "tag").split()
+    assert _git(project, "log", "-1", "--format=%s").startswith("Register segflow-model v0.1.4")
+    _killed_at(project, "after-version")  # the rerun tags v0.1.4 from the committed card, then dies
+    tags = set(_git(project, "tag").split())
+    at_commit = _git(project, "tag", "--points-at", "segflow-model@v0.1.4^{commit}").split()
+    assert "segflow-model@v0.1.4" in tags and not any(t.startswith("segflow-model#prod") for t in at_commit)
+
+    done = _segflow(project, "register", "--allow-dirty")
+    code.write_text(code.read_text().removesuffix("\n# a local experiment\n"))
+    assert done.returncode == 0, done.stderr
+    assert "completed an interrupted registration: assigned prod to segflow-model@v0.1.4" in done.stderr
+    assert "v0.1.4 already is this model" in done.stdout
+    info = _card_at(project, "segflow-model@v0.1.4")["tag_message"]
+    assert info["promoted_to"] == "prod" and info["champion"] == "v0.1.1" and info["champion_rescored"]
+    assert info["metric_value"] >= info["champion_score"] + 0.005, info
+    assert sorted((project / ".segflow/rescore").rglob("*.json")) == rescored, "same champion, same split: cached"
+    assert resolve(project, "segflow-model#prod").version == "v0.1.4"
+    assert info["dirty"] == ["flows/pipeline.py"]
+    # Consistent: every version tag points at a commit holding its own card; GTO and segflow agree.
+    for version in versions(project, "segflow-model"):
+        assert _card_at(project, f"segflow-model@{version.version}")["version"] == version.version
+    assert {v.version: v.stages for v in versions(project, "segflow-model")}["v0.1.4"] == ("prod",)
+    assert len(_git(project, "log", "--format=%H", "--grep", "Register segflow-model v0.1.4").split()) == 1
+    # Lineage: the source commit holds the dvc.lock of the model it names.
+    lock = yaml.safe_load(_git(project, "show", f"{info['source_commit']}:dvc.lock"))
+    (model,) = [o for o in lock["stages"]["train"]["outs"] if o["path"] == "data/train/model"]
+    assert model["md5"] == info["model_md5"]
 
 
 def test_rescore_off_compares_with_the_champions_own_split_and_says_so(project):
@@ -282,53 +328,6 @@ def test_rescore_off_compares_with_the_champions_own_split_and_says_so(project):
     fair = fair_champion(project, params, split)
     assert fair["version"] == "v0.1.4" and not fair["rescored"] and fair["score"] == fair["own_score"]
     assert "is from its own split (register.rescore: false)" in fair["note"]
-
-
-def test_a_registration_killed_between_its_steps_is_completed_by_the_next(project):
-    """Kill -9 after the card commit (no tag yet), then again after the version tag (no stage tag yet)."""
-    _set(project, {"train": {"epochs": 1, "lr": 0.002}, "register": {"stage": "staging"}})
-    _dvc(project, "repro")
-    code = project / "flows/pipeline.py"  # uncommitted code: refused, unless allowed (and then recorded)
-    code.write_text(code.read_text() + "\n# a local experiment\n")
-    with pytest.raises(SegflowError, match=r"uncommitted changes to flows/pipeline.py: .* --allow-dirty"):
-        register.register(project, commit=True)
-
-    def killed_at(point: str) -> None:
-        proc = subprocess.run(
-            [str(BIN / "segflow"), "register", "--commit", "--allow-dirty"],
-            cwd=project,
-            env=stage_env(SEGFLOW_FAULT=f"register:{point}"),
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert proc.returncode == -9, proc.stderr
-
-    killed_at("after-commit")
-    tags = set(_git(project, "tag").split())
-    assert "segflow-model@v0.1.5" not in tags
-    assert _git(project, "log", "-1", "--format=%s").startswith("Register segflow-model v0.1.5")
-    killed_at("after-version")  # the rerun tags v0.1.5 from the committed card, then dies before the stage tag
-    tags = set(_git(project, "tag").split())
-    assert "segflow-model@v0.1.5" in tags and not any(t.startswith("segflow-model#staging") for t in tags)
-
-    done = _segflow(project, "register", "--allow-dirty")
-    assert done.returncode == 0, done.stderr
-    assert "completed an interrupted registration: assigned staging to segflow-model@v0.1.5" in done.stderr
-    assert "v0.1.5 already is this model" in done.stdout
-    code.write_text(code.read_text().removesuffix("\n# a local experiment\n"))
-    # Consistent: every version tag points at a commit holding its own card; GTO and segflow models agree.
-    for version in versions(project, "segflow-model"):
-        assert _card_at(project, f"segflow-model@{version.version}")["version"] == version.version
-    assert resolve(project, "segflow-model#staging").version == "v0.1.5"
-    assert {v.version: v.stages for v in versions(project, "segflow-model")}["v0.1.5"] == ("staging",)
-    info = _card_at(project, "segflow-model@v0.1.5")["tag_message"]
-    assert info["dirty"] == ["flows/pipeline.py"]
-    # Lineage: the source commit holds the dvc.lock of the model it names.
-    lock = yaml.safe_load(_git(project, "show", f"{info['source_commit']}:dvc.lock"))
-    (model,) = [o for o in lock["stages"]["train"]["outs"] if o["path"] == "data/train/model"]
-    assert model["md5"] == info["model_md5"]
-    assert len(_git(project, "log", "--format=%H", "--grep", "Register segflow-model v0.1.5").split()) == 1
 
 
 def test_a_second_register_at_once_gets_one_line(project):
