@@ -120,3 +120,13 @@ def test_cli_help_is_plain_text():
     result = subprocess.run([str(Path(sys.executable).parent / "segflow"), "--help"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "``" not in result.stdout and ":func:" not in result.stdout, result.stdout
+
+
+def test_every_benchmark_imports():
+    # A benchmark that no longer imports (a moved helper) fails here, not at the next `make bench`.
+    import importlib
+
+    names = sorted(p.stem for p in (ROOT / "bench").glob("*.py") if not p.stem.startswith("_"))
+    assert {"run", "pipeline", "train", "predict", "reliability"} <= set(names)
+    for name in names:
+        importlib.import_module(f"bench.{name}")
