@@ -29,18 +29,15 @@ def project_lock(root: Path) -> Iterator[None]:
     Raises:
         Busy: another run holds it (the message names its process and what to do).
     """
-    try:
-        lock = exclusive(Path(root) / LOCK_FILE)
-        lock.__enter__()
-    except Held as held:
-        raise Busy(
-            f"{root}: another pipeline run is using this project ({held.holder}); wait for it to finish, "
-            f"or stop it (kill {held.pid})"
-        ) from None
-    try:
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(exclusive(Path(root) / LOCK_FILE))
+        except Held as held:
+            raise Busy(
+                f"{root}: another pipeline run is using this project ({held.holder}); wait for it to finish, "
+                f"or stop it (kill {held.pid})"
+            ) from None
         yield
-    finally:
-        lock.__exit__(None, None, None)
 
 
 def check_free(root: Path) -> None:

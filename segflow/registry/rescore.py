@@ -3,7 +3,7 @@
 A scheduled retrain exists for new data, and new data changes the test split: the champion's stored score
 was measured on *its* split, the candidate's on today's. The gate compares like with like by scoring the
 champion (fetched by its tag, weights checked against its card) with the evaluate stage's own evaluator
-on the candidate's split. Re-scores are cached by (version, split hash), so an unchanged nightly run
+on the candidate's split. Re-scores are cached by (version, split hash, predict settings), so an unchanged nightly run
 re-scores nothing.
 """
 
@@ -23,7 +23,7 @@ from segflow.stage import STATE_DIR
 
 log = logging.getLogger(__name__)
 
-#: Where re-scores are kept: ``.segflow/rescore/<model>/<version>/<split sha256>.json``.
+#: Where re-scores are kept: ``.segflow/rescore/<model>/<version>/<split sha256>-<predict settings>.json``.
 CACHE_DIR = STATE_DIR / "rescore"
 
 
@@ -87,7 +87,9 @@ def rescore(root: Path, params: Params, version: Version, split: dict) -> tuple[
     from segflow.semantic.card import read_card
     from segflow.semantic.evaluate import score_model
 
-    cached = root / CACHE_DIR / version.name / version.version / f"{split['sha256']}.json"
+    # Keyed by the split and by the inference settings the score depends on (tiling, batch).
+    settings = hashlib.sha256(params.predict.model_dump_json().encode()).hexdigest()[:12]
+    cached = root / CACHE_DIR / version.name / version.version / f"{split['sha256']}-{settings}.json"
     if cached.is_file():
         try:
             return json.loads(cached.read_text()), True
