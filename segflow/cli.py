@@ -14,7 +14,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from segflow.ops.run import Terminated, on_sigterm, prefect_defaults, run, server_gone
+from segflow.ops.run import Terminated, gone_reason, on_sigterm, prefect_defaults, run, server_gone
 
 
 def _api_or_fail(root: Path) -> str:
@@ -132,7 +132,7 @@ def _dispatch(args: argparse.Namespace, root: Path) -> int:
         from prefect.settings import PREFECT_API_URL, temporary_settings
 
         with temporary_settings({PREFECT_API_URL: api}):
-            return worker.worker(root, api)
+            return worker.worker(root, api, args.debug)
     if args.command == "register":
         from segflow.registry import register
 
@@ -227,12 +227,8 @@ def _fail(error: BaseException, debug: bool) -> int:
     if debug:
         traceback.print_exception(error)
     if server_gone.is_set():  # whatever surfaced (often a refused connection), this is why
-        print(
-            "segflow: error: the temporary Prefect server stopped during the run; the running stage was stopped "
-            "and its last good outputs are in place (server log: .segflow/prefect/server.log)",
-            file=sys.stderr,
-            flush=True,
-        )
+        reason = gone_reason[-1] if gone_reason else "the Prefect server stopped during the run"
+        print(f"segflow: error: {reason}; the running stage was stopped", file=sys.stderr, flush=True)
         # Skip Prefect's exit-time log upload: there is no server to take it.
         os._exit(1)
     if isinstance(error, KeyboardInterrupt | Terminated | TerminationSignal):

@@ -24,7 +24,8 @@ from segflow.ops import summary
 from segflow.ops.env import stage_env
 from segflow.ops.lock import project_lock
 from segflow.ops.plan import dvc, has_remote, stage_order, stages_to_run
-from segflow.ops.runner import GPU_LIMIT, StageFailed, run_stage
+from segflow.ops.runner import StageFailed, run_stage
+from segflow.ops.slots import GPU_LIMIT
 from segflow.params import load_params
 from segflow.registry import provenance
 

@@ -1,7 +1,9 @@
 """``segflow run``: pre-flight checks, then the Prefect flow against a server (the project's, or a temporary one).
 
 Ctrl-C or SIGTERM stops the running stage (its last good outputs stay in place), records the run as
-crashed and exits 130 / 143; a temporary server that dies mid-run ends the run with one line.
+crashed and exits 130 / 143. A server that goes away mid-run (the temporary one exits, the project's
+``segflow server`` or PREFECT_API_URL's stops answering) stops the running stage the same way and ends
+the run with one line, exit status 1.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,19 +23,72 @@ class Terminated(BaseException):
     """SIGTERM outside a flow run (inside one, Prefect raises its own TerminationSignal)."""
 
 
-class ServerGone(BaseException):
-    """The temporary Prefect server ended in the middle of the run."""
-
-
 def on_sigterm(signum, _frame) -> None:
     raise Terminated(signum)
 
 
 server_gone = threading.Event()
+#: Why the run had to be abandoned (set with :data:`server_gone`): one line for the user.
+gone_reason: list[str] = []
+#: Seconds a Prefect server may fail its health check before the run gives up on it: the project's own
+#: ``segflow server`` (same machine), and a server named by PREFECT_API_URL (a team's: ride out a blip).
+#: ``SEGFLOW_SERVER_GRACE_S`` overrides both.
+GRACE_LOCAL, GRACE_REMOTE = 10.0, 60.0
 
 
-def _on_server_gone(signum, _frame) -> None:
-    raise ServerGone(signum)
+def _abandon(_signum=None, _frame=None) -> None:
+    """The Prefect server is gone: stop the running stage (its last good outputs come back), say so, exit 1.
+
+    Runs as the SIGUSR1 handler in the main thread. Nothing can be recorded any more, and Prefect's
+    client would retry for minutes before failing with a traceback; the run is marked CRASHED by the next
+    ``segflow run`` against the server, and its gpu slot reclaimed (segflow/ops/slots.py).
+    """
+    from segflow.ops.runner import stop_running_stages
+
+    stopped = stop_running_stages()
+    done = (
+        f"stopped stage {', '.join(stopped)} (its last good outputs are in place; training resumes from its "
+        "checkpoint next time)"
+        if stopped
+        else "no stage was running"
+    )
+    reason = gone_reason[-1] if gone_reason else "the Prefect server stopped during the run"
+    print(f"segflow: error: {reason}; {done}", file=sys.stderr, flush=True)
+    os._exit(1)  # no exit-time log upload: there is no server to take it
+
+
+def _give_up(reason: str) -> None:
+    gone_reason.append(reason)
+    server_gone.set()
+    signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
+
+
+@contextlib.contextmanager
+def _watched(api: str, grace: float, advice: str, every: float = 1.0) -> Iterator[None]:
+    """Check ``api``'s health every ``every`` seconds while the run uses it; give up on it (see
+    :func:`_abandon`) once it has failed for ``grace`` seconds in a row."""
+    from segflow.ops.server import healthy
+
+    stopping = threading.Event()
+
+    def watch() -> None:
+        failing_since = None
+        while not stopping.wait(every):
+            if healthy(api):
+                failing_since = None
+                continue
+            failing_since = failing_since or time.monotonic()
+            if time.monotonic() - failing_since >= grace and not stopping.is_set():
+                _give_up(f"the Prefect server at {api} stopped answering ({grace:.0f} s) during the run; {advice}")
+                return
+
+    signal.signal(signal.SIGUSR1, _abandon)
+    thread = threading.Thread(target=watch, name="segflow-server-watch", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stopping.set()
 
 
 class _WithoutTraceback(logging.Formatter):
@@ -105,17 +161,23 @@ def _prefect_api(root: Path) -> Iterator[str]:
 
     api = find_api(root)
     if api:
-        yield api
+        remote = bool(os.environ.get("PREFECT_API_URL"))
+        grace = float(os.environ.get("SEGFLOW_SERVER_GRACE_S") or (GRACE_REMOTE if remote else GRACE_LOCAL))
+        advice = (
+            "check the server, then rerun `segflow run`"
+            if remote
+            else "start it again (`segflow server`) and rerun `segflow run`"
+        )
+        with _watched(api, grace, advice):
+            yield api
         return
     home = prefect_home(root)
     print(f"segflow: starting a temporary Prefect server (database in {home})", file=sys.stderr, flush=True)
-    # If the server dies mid-run, interrupt the run: there is nowhere left to record it.
-    signal.signal(signal.SIGUSR1, _on_server_gone)
-    main_thread = threading.main_thread().ident
+    # If the server dies mid-run, abandon the run: there is nowhere left to record it.
+    signal.signal(signal.SIGUSR1, _abandon)
 
     def gone(_code: int) -> None:
-        server_gone.set()
-        signal.pthread_kill(main_thread, signal.SIGUSR1)
+        _give_up(f"the temporary Prefect server stopped during the run (its log: {home / 'server.log'})")
 
     with local_server(home, on_exit=gone) as api:
         try:
@@ -139,9 +201,9 @@ def run(
     from segflow.ops.home import find_api
     from segflow.ops.lock import check_free
     from segflow.ops.pipeline import pipeline
-    from segflow.ops.server import PROCESS_TAG, crash_orphaned_runs
+    from segflow.ops.server import crash_orphaned_runs, run_tags
+    from segflow.ops.slots import reclaim_dead
     from segflow.params import load_params
-    from segflow.proc import process_identity
 
     load_params(root / "params.yaml")  # every stage's params, before anything starts or is deleted
     check_free(root)
@@ -151,11 +213,13 @@ def run(
     with _prefect_api(root) as api:
         for name in crash_orphaned_runs(api):
             print(f"segflow: flow run {name} was left RUNNING by a killed segflow; marked CRASHED", file=sys.stderr)
+        for line in reclaim_dead(root, api):
+            print(f"segflow: {line}", file=sys.stderr)
         settings = {PREFECT_API_URL: api}
         if temporary:
             # A local temporary server has no flaky network to ride out; if it is gone, fail fast.
             settings[PREFECT_CLIENT_MAX_RETRIES] = 1
-        with temporary_settings(settings), tags("segflow", PROCESS_TAG + process_identity()):
+        with temporary_settings(settings), tags("segflow", *run_tags()):
             state = pipeline(
                 root=str(root), force=force, stages=stages, retries=retries, register=register, return_state=True
             )

@@ -17,7 +17,6 @@ import subprocess
 import sys
 import time
 from collections import deque
-from collections.abc import Iterator
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -25,12 +24,12 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.states import Completed, Failed
 
 from segflow.ops.leash import stop_group
+from segflow.ops.slots import gpu_slot
 from segflow.proc import process_identity
 from segflow.stage import PARENT_ENV, restore
 
 #: Stages that hold the GPU: at most one of them runs at a time across all runs (Prefect limit "gpu").
 GPU_STAGES = {"train"}
-GPU_LIMIT = "gpu"
 
 # Lines that only repeat advice for people at a terminal.
 _NOISE = (
@@ -104,6 +103,23 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait(timeout=5)
 
 
+#: Stages running now in this process: (process, stage, project), for :func:`stop_running_stages`.
+_RUNNING: list[tuple[subprocess.Popen, str, str]] = []
+
+
+def stop_running_stages() -> list[str]:
+    """Stop every stage this process runs now, as :func:`_launch` does on an exception; return their names.
+
+    For a run that has to be abandoned from a signal handler (its Prefect server is gone).
+    """
+    stopped = []
+    for proc, stage, root in list(_RUNNING):
+        stop(proc)
+        restore(stage, Path(root))
+        stopped.append(stage)
+    return stopped
+
+
 def stage_command(stage: str, force: bool) -> list[str]:
     """``dvc repro --single-item <stage>``, on a leash: it stops if this process dies (segflow/ops/leash.py)."""
     dvc = [sys.executable, "-m", "dvc", "repro", "--single-item", stage, *(["--force"] if force else [])]
@@ -143,26 +159,6 @@ class _Progress:
             update_progress_artifact(self.artifact, percent, description=description)
 
 
-@contextlib.contextmanager
-def gpu_slot() -> Iterator[str]:
-    """Hold a slot of the global concurrency limit ``gpu`` (renewed while held); yield its lease id.
-
-    Prefect's own ``concurrency()`` does the same but keeps the lease id to itself; the stage's leash
-    needs it to give the slot back at once if this process is killed (a dead holder's lease would
-    otherwise block every other run's training for up to five minutes).
-    """
-    from prefect.concurrency._leases import maintain_concurrency_lease
-    from prefect.concurrency._sync import acquire_concurrency_slots_with_lease, release_concurrency_slots_with_lease
-
-    lease_seconds = 300
-    acquired = acquire_concurrency_slots_with_lease([GPU_LIMIT], 1, strict=True, lease_duration=lease_seconds)
-    try:
-        with maintain_concurrency_lease(acquired.lease_id, lease_seconds, raise_on_lease_renewal_failure=False):
-            yield str(acquired.lease_id)
-    finally:
-        release_concurrency_slots_with_lease(acquired.lease_id)
-
-
 def _launch(stage: str, root: str, force: bool, logger, lease: str | None = None) -> tuple[int, deque[str], bool]:
     """Run the stage; return (exit status, last lines, whether DVC ran its command)."""
     ran = False
@@ -178,6 +174,7 @@ def _launch(stage: str, root: str, force: bool, logger, lease: str | None = None
         bufsize=1,
         start_new_session=True,  # its own process group: a terminal's Ctrl-C reaches segflow, which stops it
     ) as proc:
+        _RUNNING.append(entry := (proc, stage, root))
         try:
             for raw in proc.stdout:
                 line = raw.rstrip()
@@ -196,6 +193,18 @@ def _launch(stage: str, root: str, force: bool, logger, lease: str | None = None
             # The stage restores its own outputs when stopped; this covers a stop before it started.
             restore(stage, Path(root))
             raise
+        finally:
+            _RUNNING.remove(entry)
+
+
+def _slot(stage: str, root: str, logger) -> contextlib.AbstractContextManager[str | None]:
+    """The ``gpu`` slot for a GPU stage (segflow/ops/slots.py), nothing for the others."""
+    if stage not in GPU_STAGES:
+        return contextlib.nullcontext()
+    from prefect.runtime import flow_run
+    from prefect.settings import PREFECT_API_URL
+
+    return gpu_slot(Path(root), PREFECT_API_URL.value(), flow_run.name, lambda line: logger.warning("%s", line))
 
 
 def _log(logger, line: str) -> None:
@@ -225,7 +234,7 @@ def run_stage(stage: str, root: str, force: bool = False, planned: bool = True):
         logger.info("stage %s skipped: nothing it depends on changed", stage)
         return Completed(data={"stage": stage, "status": "skipped", "seconds": 0.0})
     started = time.perf_counter()
-    with gpu_slot() if stage in GPU_STAGES else contextlib.nullcontext() as lease:
+    with _slot(stage, root, logger) as lease:
         code, tail, ran = _launch(stage, root, force, logger, lease)
     seconds = round(time.perf_counter() - started, 1)
     if code != 0:

@@ -26,6 +26,7 @@ from segflow.proc import is_alive, process_identity
 
 #: Tag prefix naming the segflow process behind a flow run (see :func:`crash_orphaned_runs`).
 PROCESS_TAG = "segflow-process:"
+HOST_TAG = "segflow-host:"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -35,10 +36,14 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def server_env(home: Path, port: int, ui: bool = True, host: str = "127.0.0.1") -> dict[str, str]:
-    """What ``prefect server start`` needs here: its own home (database), no telemetry, and the UI told
-    which port the API is on (Prefect's UI otherwise calls port 4200 whatever ``--port`` says)."""
+    """What ``prefect server start`` needs here: its own home (database), no telemetry, the UI told
+    which port the API is on (Prefect's UI otherwise calls port 4200 whatever ``--port`` says), and
+    concurrency leases kept on disk in that home (Prefect's default keeps them in the server's memory:
+    a server killed with a training run would forget the run's ``gpu`` lease but not the slot it
+    took, and the slot would stay taken for good; on disk, the repossessor frees it once it expires)."""
     return stage_env(
         PREFECT_HOME=str(home),
+        PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE="prefect.server.concurrency.lease_storage.filesystem",
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
         PREFECT_UI_ENABLED=str(ui).lower(),
         PREFECT_SERVER_API_HOST=host,
@@ -119,8 +124,16 @@ def healthy(api: str) -> bool:
         return False
 
 
+def run_tags() -> list[str]:
+    """Tags naming the segflow process (and machine) behind a flow run, for :func:`crash_orphaned_runs`."""
+    return [PROCESS_TAG + process_identity(), HOST_TAG + socket.gethostname()]
+
+
 def crash_orphaned_runs(api: str) -> list[str]:
-    """Mark CRASHED the RUNNING/PENDING segflow flow runs whose segflow process is gone (killed).
+    """Mark CRASHED the RUNNING/PENDING segflow flow runs of this machine whose segflow process is gone
+    (killed), and their task runs still RUNNING or PENDING (the stage the run was in).
+
+    Runs tagged with another machine are left alone: a process there cannot be checked from here.
 
     Returns:
         The names of the runs marked.
@@ -134,13 +147,21 @@ def crash_orphaned_runs(api: str) -> list[str]:
     marked = []
     for run in running.json():
         owner = next((t.removeprefix(PROCESS_TAG) for t in run["tags"] if t.startswith(PROCESS_TAG)), None)
-        if owner is None or is_alive(owner):
+        host = next((t.removeprefix(HOST_TAG) for t in run["tags"] if t.startswith(HOST_TAG)), socket.gethostname())
+        if owner is None or host != socket.gethostname() or is_alive(owner):
             continue
-        state = {
-            "type": "CRASHED",
-            "name": "Crashed",
-            "message": f"segflow (process {owner.split(':')[0]}) ended without reporting: killed",
-        }
+        message = f"segflow (process {owner.split(':')[0]}) ended without reporting: killed"
+        state = {"type": "CRASHED", "name": "Crashed", "message": message}
         httpx.post(f"{api}/flow_runs/{run['id']}/set_state", json={"state": state, "force": True}, timeout=10)
+        tasks = httpx.post(
+            f"{api}/task_runs/filter",
+            json={
+                "flow_runs": {"id": {"any_": [run["id"]]}},
+                "task_runs": {"state": {"type": {"any_": ["RUNNING", "PENDING"]}}},
+            },
+            timeout=10,
+        )
+        for task_run in tasks.json() if tasks.status_code == 200 else []:
+            httpx.post(f"{api}/task_runs/{task_run['id']}/set_state", json={"state": state, "force": True}, timeout=10)
         marked.append(run["name"])
     return marked
