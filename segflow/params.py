@@ -76,6 +76,7 @@ class Paths(_Section):
     ingest: Path = Path("data/ingest")
     augment: Path = Path("data/augment")
     train: Path = Path("data/train")
+    export: Path = Path("data/export")
     evaluate: Path = Path("data/evaluate")
 
     def under(self, root: Path) -> Paths:
@@ -466,12 +467,27 @@ class RegisterParams(_Section):
     #: Commit dvc.lock, params.yaml and the git-tracked metrics before registering (what scheduled
     #: retraining does); false: refuse while they hold uncommitted changes.
     commit: bool = False
-    #: Extra formats the train stage writes beside the weights, each checked against PyTorch.
-    export: list[Literal["onnx"]] = []
     #: Score the champion again on the candidate's test split when the split has changed since the champion
     #: was registered (added, removed or relabelled images), so the gate compares like with like; cached per
     #: (version, split). false: compare with the champion's score on its own split (a frozen test set).
     rescore: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "export" in data:
+            raise ValueError(
+                "register.export moved to export.formats (its own stage after train: switching an export on or "
+                f"off retrains nothing); write `export: {{formats: {data['export']}}}` at the top level"
+            )
+        return data
+
+
+class ExportParams(_Section):
+    """Stage ``export``: the trained model in other formats, each checked against PyTorch (no retraining)."""
+
+    #: Formats written to ``${paths.export}`` beside a copy of the model card: onnx (onnxruntime runs it).
+    formats: list[Literal["onnx"]] = []
 
 
 class ScheduleParams(_Section):
@@ -504,6 +520,7 @@ with warnings.catch_warnings():
         ingest: IngestParams = IngestParams()
         augment: AugmentParams = AugmentParams()
         train: TrainParams = TrainParams()
+        export: ExportParams = ExportParams()
         evaluate: EvaluateParams = EvaluateParams()
         predict: PredictParams = PredictParams()
         register: RegisterParams = RegisterParams()

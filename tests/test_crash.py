@@ -13,6 +13,7 @@ One project copy and one Prefect home (database, leases) for the module, in orde
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -25,7 +26,7 @@ import pytest
 from segflow.ops.env import stage_env
 from segflow.ops.server import free_port, healthy
 from tests.conftest import copy_project
-from tests.test_reliability import BIN, LONG, _outputs, _processes_in, _set, _wait_for_training, _wait_until_gone
+from tests.test_reliability import BIN, LONG, _outputs, _set, _wait_for_training, _wait_until_gone
 
 GRACE = "3"  # seconds the server may fail its health check before segflow gives up on it
 
@@ -123,10 +124,8 @@ def test_power_loss_mid_training_then_the_slot_it_leaked_is_reclaimed(crash):
         # Every process of the run at once, server included: nothing gets to clean up.
         victims = [server.pid, run.pid, *_pids_in(project)]
         for pid in victims:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         os.killpg(server.pid, signal.SIGKILL)
         output = run.communicate(timeout=30)[0]
         server.wait(timeout=10)

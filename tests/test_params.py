@@ -47,6 +47,8 @@ def test_project_params_file_is_valid_and_complete():
         ({"train": {"strategy": "ddp_spawn"}}, "train.strategy"),
         ({"train": {"monitor": "val/accuracy"}}, "train.monitor"),
         ({"evaluate": {"preview_samples": 0}}, "evaluate.preview_samples"),
+        ({"register": {"export": ["onnx"]}}, "register.export moved to export.formats"),
+        ({"export": {"formats": ["tflite"]}}, "export.formats.0"),
     ],
 )
 def test_bad_params_are_rejected_by_name(data, expected):

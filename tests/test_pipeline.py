@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import yaml
 
@@ -21,7 +22,7 @@ from bench._util import merge
 from segflow.ops.env import stage_env
 from tests.conftest import copy_project, flow_run_named_in, run_children
 
-STAGES = ["ingest", "augment", "train", "evaluate"]
+STAGES = ["ingest", "augment", "train", "export", "evaluate"]
 BIN = Path(sys.executable).parent
 
 
@@ -118,6 +119,33 @@ def test_params_change_reruns_only_the_affected_stage(project, prefect_api):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert _ran(proc.stdout + proc.stderr) == ["evaluate"]
     # The flow leaves the lock `dvc repro` would: nothing left to do.
+    assert "up to date" in _dvc(project, "status").stdout
+
+
+def test_switching_an_export_on_and_off_reruns_only_the_export_stage(project, prefect_api):
+    pytest.importorskip("onnxruntime")
+    from segflow.registry.fetch import load_model
+
+    model = (project / "data/train/model/model.safetensors").read_bytes()
+    _set_params(project, {"export": {"formats": ["onnx"]}})
+    status = _dvc(project, "status", "--json").stdout
+    assert set(json.loads(status)) == {"export"}, status  # train (and evaluate) unchanged
+    proc = _segflow(project, prefect_api)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert _ran(proc.stdout + proc.stderr) == ["export"]
+    assert (project / "data/train/model/model.safetensors").read_bytes() == model
+    card = json.loads((project / "data/export/model.json").read_text())
+    assert card["exports"]["onnx"]["max_abs_logit_diff"] < 1e-3
+    # The workspace's model folder finds its export beside it.
+    image = (np.arange(96 * 96 * 3) % 251).astype(np.uint8).reshape(96, 96, 3)
+    torch_model = load_model(str(project / "data/train/model"), project)
+    onnx_model = load_model(str(project / "data/train/model"), project, backend="onnx")
+    assert np.abs(torch_model.logits(image) - onnx_model.logits(image)).max() < 1e-3
+    _set_params(project, {"export": {"formats": []}})
+    proc = _segflow(project, prefect_api)
+    # Back to the earlier export: DVC's run cache may hand it back without running the stage.
+    assert proc.returncode == 0 and _ran(proc.stdout + proc.stderr) in ([], ["export"])
+    assert not (project / "data/export/model.onnx").exists()
     assert "up to date" in _dvc(project, "status").stdout
 
 

@@ -24,7 +24,7 @@ from segflow.errors import SegflowError
 from segflow.ops.env import stage_env
 from segflow.params import load_params
 from segflow.registry import register, rescore
-from segflow.registry.fetch import fetch, load_model, resolve, versions
+from segflow.registry.fetch import fetch, fetch_export, load_model, resolve, versions
 from segflow.registry.gate import fair_champion
 from segflow.semantic.evaluate import score_model
 from tests.conftest import copy_project
@@ -116,7 +116,7 @@ def test_an_unchanged_model_is_not_registered_again(project):
 
 
 def test_a_better_model_is_promoted(project):
-    outcome = _train(project, {"train": {"epochs": 6, "lr": 0.003}, "register": {"export": ["onnx"]}})
+    outcome = _train(project, {"train": {"epochs": 6, "lr": 0.003}, "export": {"formats": ["onnx"]}})
     assert outcome["registered"] and outcome["version"] == "v0.1.1"
     assert outcome["candidate"] >= outcome["champion"] + 0.005, outcome
     assert outcome["promoted"] and outcome["champion_version"] == "v0.1.0"
@@ -124,7 +124,7 @@ def test_a_better_model_is_promoted(project):
 
 
 def test_a_worse_model_is_registered_but_not_promoted(project):
-    outcome = _train(project, {"train": {"epochs": 1, "lr": 0.0001}, "register": {"export": []}})
+    outcome = _train(project, {"train": {"epochs": 1, "lr": 0.0001}, "export": {"formats": []}})
     assert outcome["registered"] and not outcome["promoted"] and outcome["version"] == "v0.1.2"
     assert outcome["champion_version"] == "v0.1.1" and outcome["candidate"] < outcome["champion"] + 0.005
     assert "not better by at least 0.005" in outcome["reason"]
@@ -157,8 +157,15 @@ def test_onnx_and_pytorch_agree(project, images):
     onnx_model = load_model("segflow-model@v0.1.1", project, backend="onnx")
     assert np.abs(torch_model.logits(image) - onnx_model.logits(image)).max() < 1e-3
     assert (torch_model.predict(image) == onnx_model.predict(image)).mean() > 0.999
-    card = json.loads((fetch(project, resolve(project, "segflow-model@v0.1.1")) / "model.json").read_text())
+    # v0.1.2 (the workspace's) has no export: v0.1.1's came through DVC, checked against its registry card.
+    folder = fetch_export(project, resolve(project, "segflow-model@v0.1.1"))
+    assert folder.is_relative_to(project / ".segflow/models")
+    card = json.loads((folder / "model.json").read_text())
     assert card["exports"]["onnx"]["max_abs_logit_diff"] < 1e-3
+    registered = json.loads(_git(project, "show", "segflow-model@v0.1.1:registry/segflow-model/card.json"))
+    assert registered["exports"]["onnx"]["sha256"] == card["exports"]["onnx"]["sha256"]
+    with pytest.raises(SegflowError, match=r"v0.1.2 was registered without a onnx export"):
+        load_model("segflow-model@v0.1.2", project, backend="onnx")
 
 
 def test_tiled_and_whole_masks_of_a_trained_model_agree(project, images):

@@ -13,7 +13,7 @@ from segflow.data import ingest
 from segflow.errors import SegflowError
 from segflow.layout import EVAL_PIPELINE, LIVE_DIR, MODEL_DIR, TRAIN_PIPELINE, load_transform, read_manifest, split_rows
 from segflow.params import IGNORE_INDEX, TrainParams, available_cores
-from segflow.semantic import factory, hardware, losses, store, train
+from segflow.semantic import export, factory, hardware, losses, store, train
 from segflow.semantic.card import ModelCard, read_card
 from segflow.semantic.dataset import SegmentationDataset
 from segflow.semantic.module import SegmentationModule
@@ -118,10 +118,14 @@ def test_onnx_export_is_checked_against_pytorch(tmp_path):
     preprocess = tmp_path / "eval.json"
     preprocess.write_text("{}")
     card = _small_card(3, pad_divisor=8)
-    written = store.save(model, card, preprocess, tmp_path / "model", export=["onnx"])
+    saved = store.save(model, card, preprocess, tmp_path / "model")
+    written = export.write(tmp_path / "model", tmp_path / "export", ["onnx"])
     entry = written.exports["onnx"]
     assert entry["file"] == "model.onnx" and entry["max_abs_logit_diff"] < 1e-3
-    assert store.verify(tmp_path / "model", written, "onnx") == tmp_path / "model" / "model.onnx"
+    assert written.weights_sha256 == saved.weights_sha256, "the export folder names the weights it came from"
+    assert store.verify(tmp_path / "export", written, "onnx") == tmp_path / "export" / "model.onnx"
+    with pytest.raises(SegflowError, match=r"no onnx export; add onnx to export\.formats"):
+        store.verify(tmp_path / "model", saved, "onnx")
 
 
 def test_local_encoder_weights_are_loaded(tmp_path):

@@ -9,6 +9,19 @@ from segflow.layout import MODEL_DIR, REPORT_JSON
 from segflow.params import Params
 
 
+def exports(root: Path, params: Params, model: dict) -> dict:
+    """The export stage's formats of this very model (its folder's card names the same weights), each with
+    the folder it is in, for fetching by version; {} when there are none or they belong to another model."""
+    folder = params.paths.export
+    try:
+        card = json.loads((root / folder / "model.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    if card.get("weights_sha256") != model.get("weights_sha256"):
+        return {}
+    return {name: {**entry, "folder": folder.as_posix()} for name, entry in card.get("exports", {}).items()}
+
+
 def build(root: Path, params: Params, metrics: dict, info: dict, split: dict, gate: dict) -> dict:
     """The JSON card: the model's own card (model.json) plus test scores, data, params and registration.
 
@@ -57,7 +70,7 @@ def build(root: Path, params: Params, metrics: dict, info: dict, split: dict, ga
         },
         "training": model.get("training", {}),
         "weights_sha256": model.get("weights_sha256"),
-        "exports": model.get("exports", {}),
+        "exports": exports(root, params, model),
         "registration": {
             "registered_at": info["registered_at"],
             "source_commit": info["source_commit"],

@@ -97,16 +97,91 @@ def resolve(root: Path, spec: str) -> Version:
     return match[0]
 
 
-def registered_weights(root: Path, version: Version) -> str | None:
-    """The weights sha256 in the card committed with ``version`` (read from git, not from DVC's files), or None
-    for versions registered before cards carried it."""
+def registered_card(root: Path, version: Version) -> dict:
+    """The registry card committed with ``version`` (read from git, not from DVC's files); {} if there is none."""
     from segflow.registry.git import git
 
     text = git(root, "show", f"{version.commit}:registry/{version.name}/card.json", check=False)
     try:
-        return json.loads(text).get("weights_sha256") if text else None
+        return json.loads(text) if text else {}
     except ValueError:
-        return None
+        return {}
+
+
+def registered_weights(root: Path, version: Version) -> str | None:
+    """The weights sha256 in the card committed with ``version``, or None for versions registered before
+    cards carried it."""
+    return registered_card(root, version).get("weights_sha256")
+
+
+def _valid_export(folder: Path, name: str, expected: str) -> bool:
+    from segflow.io import sha256_file
+
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        entry = json.loads((folder / "model.json").read_text())["exports"][name]
+        return entry["sha256"] == expected and sha256_file(folder / entry["file"]) == expected
+    return False
+
+
+def fetch_export(root: Path, version: Version, name: str = "onnx") -> Path:
+    """The export folder (``${paths.export}`` of the version's commit) holding ``version``'s ``name`` export,
+    checked against the sha256 the card committed with the tag names; fetched through DVC when the
+    workspace holds another model's.
+
+    Raises:
+        SegflowError: the version was registered without that export, or DVC cannot provide the registered bytes.
+    """
+    import dvc.api
+    from dvc.exceptions import DvcException
+
+    entry = registered_card(root, version).get("exports", {}).get(name)
+    if not entry or "folder" not in entry:
+        raise SegflowError(
+            f"{version.label} was registered without a {name} export; use --backend torch, or add {name} to "
+            "export.formats, rerun the pipeline and register the model again"
+        )
+    workspace = root / entry["folder"]
+    target = root / STATE_DIR / "models" / version.name / f"{version.version}-{name}"
+    for folder in (workspace, target):
+        if _valid_export(folder, name, entry["sha256"]):
+            return folder
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{version.version}.tmp-{os.getpid()}-", dir=target.parent))
+    try:
+        dvc.api.DVCFileSystem(str(root), rev=version.commit).get(entry["folder"], str(scratch / "x"), recursive=True)
+        if not _valid_export(scratch / "x", name, entry["sha256"]):
+            raise SegflowError(
+                f"{version.label}: the {name} export DVC returned is not the one the card committed with the tag "
+                f"names (sha256 {entry['sha256']}); refusing to load it (remove it from .dvc/cache and dvc pull "
+                "from a remote you trust)"
+            )
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(scratch / "x", target)
+    except (DvcException, OSError) as error:
+        raise SegflowError(
+            f"{version.label}: its {name} export is in neither DVC's cache nor a DVC remote ({error}); "
+            "run dvc push where it was made, then dvc pull here"
+        ) from None
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return target
+
+
+def _local_export(root: Path, folder: Path, name: str) -> Path:
+    """``folder`` when its card lists export ``name``, else the project's export folder when it was made
+    from the same weights (``--model data/train/model --backend onnx``)."""
+    from segflow.params import load_params
+    from segflow.semantic.card import read_card
+
+    card = read_card(folder)
+    if name in card.exports or not (root / "params.yaml").is_file():
+        return folder
+    exports = root / load_params(root / "params.yaml").paths.export
+    with contextlib.suppress(OSError, SegflowError):
+        other = read_card(exports)
+        if other.weights_sha256 == card.weights_sha256 and name in other.exports:
+            return exports
+    return folder
 
 
 def _weights_sha(folder: Path, card: dict) -> str | None:
@@ -196,15 +271,19 @@ def load_model(
     from segflow.semantic.card import read_card
 
     root = Path(root).resolve()
-    folder = Path(spec) if Path(spec).is_dir() else fetch(root, resolve(root, spec))
+    if backend not in ("torch", "onnx"):
+        raise SegflowError(f"--backend {backend}: choose torch or onnx")
     settings = load_params(root / "params.yaml").predict if (root / "params.yaml").is_file() else PredictParams()
     if backend == "onnx":
+        if Path(spec).is_dir():
+            folder = _local_export(root, Path(spec), "onnx")
+        else:
+            folder = fetch_export(root, resolve(root, spec), "onnx")
         card = read_card(folder)
         forward = infer.onnx_forward(store.verify(folder, card, "onnx"))
-    elif backend == "torch":
+    else:
+        folder = Path(spec) if Path(spec).is_dir() else fetch(root, resolve(root, spec))
         model, card = store.load(folder)
         forward = infer.torch_forward(model, device)
-    else:
-        raise SegflowError(f"--backend {backend}: choose torch or onnx")
     tile = settings.tile_size - settings.tile_size % card.pad_divisor
     return infer.Predictor(forward, card, max(tile, card.pad_divisor), settings.overlap, settings.batch_size)

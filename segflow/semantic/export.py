@@ -1,7 +1,16 @@
-"""Exports of a trained model beside its weights, each checked against PyTorch before it is kept."""
+"""Stage ``export``: the trained model in other formats, each checked against PyTorch before it is kept.
+
+Its own DVC stage after ``train`` (params ``export.formats``), so switching a format on or off
+reruns this stage only, never training. ``${paths.export}/`` is a model folder without weights:
+the exports (``model.onnx``), a copy of the model card with their hashes in ``exports`` (and the
+source weights' sha256, which ties the folder to the model it was made from) and the preprocessing.
+``segflow predict --backend onnx`` loads it; registration records its hashes in the registry card.
+"""
 
 from __future__ import annotations
 
+import logging
+import shutil
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -10,10 +19,13 @@ import numpy as np
 import torch
 
 from segflow.errors import SegflowError
-from segflow.io import sha256_file
+from segflow.io import atomic_dir, sha256_file
 
 if TYPE_CHECKING:
+    from segflow.params import Params, Paths
     from segflow.semantic.card import ModelCard
+
+log = logging.getLogger(__name__)
 
 #: Largest absolute logit difference an export may show against PyTorch on the check inputs.
 TOLERANCE = 1e-3
@@ -30,12 +42,12 @@ def export(name: str, model: torch.nn.Module, card: ModelCard, folder: Path) -> 
         SegflowError: an unknown format, a missing runtime, or logits off by more than :data:`TOLERANCE`.
     """
     if name != "onnx":
-        raise SegflowError(f"register.export: unknown format {name!r}; formats: onnx")
+        raise SegflowError(f"export.formats: unknown format {name!r}; formats: onnx")
     try:
         import onnxruntime
     except ImportError:
         raise SegflowError(
-            "register.export: onnx needs the onnx extra; pip install -e '.[onnx]' (onnx, onnxruntime)"
+            "export.formats: onnx needs the onnx extra; pip install -e '.[onnx]' (onnx, onnxruntime)"
         ) from None
     model = model.cpu().eval()
     size = card.train_size
@@ -68,7 +80,36 @@ def export(name: str, model: torch.nn.Module, card: ModelCard, folder: Path) -> 
         worst = max(worst, float(np.abs(got - expected).max()))
     if worst > TOLERANCE:
         raise SegflowError(
-            f"register.export: the ONNX model's logits differ from PyTorch's by up to {worst:.2e} (limit "
-            f"{TOLERANCE:g}); this architecture does not export faithfully, remove onnx from register.export"
+            f"export.formats: the ONNX model's logits differ from PyTorch's by up to {worst:.2e} (limit "
+            f"{TOLERANCE:g}); this architecture does not export faithfully, remove onnx from export.formats"
         )
     return {"file": ONNX_FILE, "sha256": sha256_file(folder / ONNX_FILE), "opset": 17, "max_abs_logit_diff": worst}
+
+
+def write(model_dir: Path, out: Path, formats: list[str] | tuple[str, ...]) -> ModelCard:
+    """Export the saved model in ``model_dir`` into the folder ``out`` (atomically: all or nothing).
+
+    Returns:
+        The card written to ``out``: the model's own, with ``exports`` filled in.
+    """
+    from segflow.semantic import store
+
+    model, card = store.load(model_dir)
+    with atomic_dir(out) as tmp:
+        exports = {name: export(name, model, card, tmp) for name in formats}
+        card = card.model_copy(update={"exports": exports})
+        shutil.copyfile(Path(model_dir) / card.preprocess, tmp / card.preprocess)
+        store.write_card(tmp, card)
+    return card
+
+
+def run(params: Params, paths: Paths) -> dict:
+    """The export stage: ``export.formats`` of ``${paths.train}/model`` into ``${paths.export}``."""
+    from segflow.layout import MODEL_DIR
+
+    card = write(paths.train / MODEL_DIR, paths.export, params.export.formats)
+    for name, entry in card.exports.items():
+        log.info("%s: %s, largest logit difference from PyTorch %.2e", name, entry["file"], entry["max_abs_logit_diff"])
+    if not card.exports:
+        log.info("no export formats asked (export.formats: []); %s holds the card only", paths.export)
+    return card.exports

@@ -1,4 +1,4 @@
-"""Save and load a model folder: weights (safetensors, sha256 in the card), card, preprocessing, exports.
+"""Save and load a model folder: weights (safetensors, sha256 in the card), card, preprocessing.
 
 Writes are atomic (all or nothing); loads check every file against the card before use, and
 never unpickle.
@@ -16,33 +16,32 @@ from safetensors.torch import load_file, save_file
 
 from segflow.errors import SegflowError
 from segflow.io import atomic_dir, sha256_file
-from segflow.semantic import export as exporters
 from segflow.semantic.card import CARD, ModelCard, read_card
 from segflow.semantic.factory import create
 
 log = logging.getLogger(__name__)
 
 
-def save(
-    model: torch.nn.Module, card: ModelCard, preprocess: Path, out: Path, export: list[str] | tuple[str, ...] = ()
-) -> ModelCard:
-    """Write weights, card, preprocessing (and ``export`` formats) into ``out`` atomically (all or nothing).
+def write_card(folder: Path, card: ModelCard) -> None:
+    (Path(folder) / CARD).write_text(card.model_dump_json(indent=2) + "\n", encoding="utf-8")
+
+
+def save(model: torch.nn.Module, card: ModelCard, preprocess: Path, out: Path) -> ModelCard:
+    """Write weights, card and preprocessing into ``out`` atomically (all or nothing).
+
+    Other formats (ONNX) are the export stage's (:mod:`segflow.semantic.export`).
 
     Returns:
-        The card as written (with the weights' and exports' hashes).
-
-    Raises:
-        SegflowError: an export disagrees with PyTorch beyond :data:`segflow.semantic.export.TOLERANCE`.
+        The card as written (with the weights' hash).
     """
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_dir(out) as tmp:
         # One metadata key only: safetensors writes several in a random order, which
         # would give the same weights a new hash (and DVC a new output) on every run.
         save_file(state, tmp / card.weights, metadata={"format": "pt"})
-        exports = {name: exporters.export(name, model, card, tmp) for name in export}
-        card = card.model_copy(update={"weights_sha256": sha256_file(tmp / card.weights), "exports": exports})
+        card = card.model_copy(update={"weights_sha256": sha256_file(tmp / card.weights)})
         shutil.copyfile(preprocess, tmp / card.preprocess)
-        (tmp / CARD).write_text(card.model_dump_json(indent=2) + "\n", encoding="utf-8")
+        write_card(tmp, card)
     return card
 
 
@@ -59,7 +58,8 @@ def verify(model_dir: Path, card: ModelCard, name: str | None = None) -> Path:
         path, expected = model_dir / card.exports[name]["file"], card.exports[name]["sha256"]
     else:
         raise SegflowError(
-            f"{model_dir / CARD}: this model has no {name} export; retrain with register.export: [{name}]"
+            f"{model_dir / CARD}: this model has no {name} export; add {name} to export.formats in params.yaml "
+            "and rerun the pipeline (only the export stage runs)"
         )
     if not path.is_file():
         raise SegflowError(f"{path}: not found; fetch the model again")

@@ -127,7 +127,6 @@ def _run_key(params: Params, paths: Paths) -> str:
         "normalize": [params.augment.normalize.mean, params.augment.normalize.std],
         "geometry": [params.augment.pad_divisor, params.augment.crop_size],
         "train": train,
-        "export": params.register.export,
     }
     inputs = [paths.ingest / MANIFEST, paths.augment / TRAIN_PIPELINE, paths.augment / EVAL_PIPELINE]
     return checkpoints.run_key(keyed, inputs, code_files("segflow.semantic.train"))
@@ -320,7 +319,7 @@ def run(params: Params, paths: Paths, checkpoint_root: Path | None = None, start
             train_size=params.augment.crop_size,
             training=summary,
         )
-        store.save(plain, card, paths.augment / EVAL_PIPELINE, paths.train / MODEL_DIR, export=params.register.export)
+        store.save(plain, card, paths.augment / EVAL_PIPELINE, paths.train / MODEL_DIR)
         log.info("model saved to %s (%s)", paths.train / MODEL_DIR, summary)
         if persistent:
             checkpoints.finished(folder)
