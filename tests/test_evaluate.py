@@ -30,10 +30,11 @@ def test_perfect_predictions_score_one_and_padding_is_cropped(prepared):
     dataset = SegmentationDataset(paths.ingest, rows, load_transform(paths.augment / EVAL_PIPELINE))
     padded = []
     for index in range(len(dataset)):
-        truth = torch.from_numpy(dataset.load(index)[1].astype("int64"))
+        image, mask = dataset.load(index)
+        truth = torch.from_numpy(mask.astype("int64"))
         pad = torch.full((64, 64), 3, dtype=torch.int64)  # garbage outside the image must not count
         pad[: truth.shape[0], : truth.shape[1]] = truth
-        padded.append((index, pad))
+        padded.append((index, image, mask, pad))
     summary, per_image, kept = evaluate.score(dataset, padded, params.classes, keep=1)
     assert summary["iou"]["macro"] == 1.0 and summary["pixel_accuracy"] == 1.0
     assert (per_image["iou_macro"] == 1.0).all() and len(per_image) == len(rows)
@@ -86,3 +87,33 @@ def test_stage_run_writes_metrics_tables_and_preview(prepared, monkeypatch):
     per_image = pd.read_csv(paths.evaluate / PER_IMAGE)
     assert set(per_image["id"]) == set(test_rows["id"])
     assert (paths.evaluate / PREDICTIONS).stat().st_size > 0
+
+
+def test_batched_evaluation_decodes_once_and_predicts_as_one_by_one(prepared):
+    """Whole images go through the model in batches; each test image is decoded once; the class ids are the
+    ones ``segflow predict`` gives image by image, in the same order (tiled images included)."""
+    from segflow.semantic import infer
+
+    params, paths = prepared
+    rows = split_rows(read_manifest(paths.ingest), "test")
+    dataset = SegmentationDataset(paths.ingest, rows, transform=None)
+    torch.manual_seed(0)
+    model = factory.create("Unet", "resnet18", 3, [16, 8, 4], 4).eval()
+    card = ModelCard(
+        arch="Unet", encoder="resnet18", encoder_depth=3, decoder_channels=[16, 8, 4], classes=params.classes,
+        mean=params.augment.normalize.mean, std=params.augment.normalize.std, pad_divisor=8, train_size=32,
+    )  # fmt: skip
+    loads = []
+    original = dataset.load
+    dataset.load = lambda index: (loads.append(index), original(index))[1]
+    forward = infer.torch_forward(model, "cpu")
+    tiled = infer.Predictor(forward, card, tile_size=16, overlap=8, batch_size=3)  # 32-px images: 9 tiles
+    whole = infer.Predictor(forward, card, tile_size=64, overlap=8, batch_size=3)  # in batches of 3
+    for each in (tiled, whole):
+        loads.clear()
+        got = list(evaluate.predict(each, dataset))
+        assert loads == list(range(len(dataset))), "each image decoded once, in order"
+        assert [index for index, *_ in got] == list(range(len(dataset)))
+        for index, image, mask, pred in got:
+            assert (pred.numpy() == each.predict(image)).all(), f"image {index}"
+            assert (mask == original(index)[1]).all()

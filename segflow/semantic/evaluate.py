@@ -36,20 +36,55 @@ log = logging.getLogger(__name__)
 
 
 def predict(predictor: infer.Predictor, dataset: SegmentationDataset, seconds: list[float] | None = None):
-    """Yield ``(dataset index, prediction)`` per image, the prediction (H, W) int64 class ids at full size.
+    """Yield ``(dataset index, image, mask, prediction)`` per test image, each image decoded once.
 
     The same inference as ``segflow predict``: whole images, or tiles above ``predict.tile_size``.
+    Consecutive whole images of one size go through the model together, ``predict.batch_size`` at a
+    time (a model in eval mode scores each image of a batch as it would alone); tiled images one by one.
 
     Args:
-        seconds: if given, each image's inference time (decoded image in, class ids out) is appended.
+        seconds: if given, each image's inference time (decoded image in, class ids out) is appended;
+            an image predicted in a batch gets its share of the batch's time.
+
+    Yields:
+        The prediction is (H, W) int64 class ids at full size.
     """
-    for index in range(len(dataset)):
-        image, _ = dataset.load(index)
+    pending: list[tuple[int, np.ndarray, np.ndarray, np.ndarray, float]] = []
+
+    def flush():
+        if not pending:
+            return
         started = time.perf_counter()
-        pred = predictor.predict(image)
-        if seconds is not None:
-            seconds.append(time.perf_counter() - started)
-        yield index, torch.from_numpy(pred.astype(np.int64))
+        out = predictor.forward(np.stack([x for *_, x, _ in pending]))
+        preds = [
+            logits[:, : image.shape[0], : image.shape[1]].argmax(0)
+            for logits, (_, image, *_) in zip(out, pending, strict=True)
+        ]
+        share = (time.perf_counter() - started) / len(pending)
+        for (index, image, mask, _, prepared), pred in zip(pending, preds, strict=True):
+            if seconds is not None:
+                seconds.append(prepared + share)
+            yield index, image, mask, torch.from_numpy(pred.astype(np.int64))
+        pending.clear()
+
+    for index in range(len(dataset)):
+        image, mask = dataset.load(index)
+        started = time.perf_counter()
+        d = predictor.card.pad_divisor
+        if -(-max(image.shape[:2]) // d) * d > predictor.tile_size:  # tiled: on its own, as segflow predict does
+            yield from flush()
+            pred = predictor.predict(image)
+            if seconds is not None:
+                seconds.append(time.perf_counter() - started)
+            yield index, image, mask, torch.from_numpy(pred.astype(np.int64))
+            continue
+        x = predictor.prepare(image)
+        if pending and pending[0][3].shape != x.shape:
+            yield from flush()
+        pending.append((index, image, mask, x, time.perf_counter() - started))
+        if len(pending) >= predictor.batch_size:
+            yield from flush()
+    yield from flush()
 
 
 def speed(seconds: list[float], model: torch.nn.Module, card: ModelCard) -> dict:
@@ -71,25 +106,24 @@ def speed(seconds: list[float], model: torch.nn.Module, card: ModelCard) -> dict
 
 def score(
     dataset: SegmentationDataset, predictions, classes: list[str], keep: int = 0
-) -> tuple[dict, pd.DataFrame, dict[int, np.ndarray]]:
+) -> tuple[dict, pd.DataFrame, dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]]:
     """Compare each prediction, cropped to its image, with the untouched mask on disk.
 
     Args:
-        predictions: ``(index, (H', W') int64)`` pairs, padded at the bottom/right.
-        keep: also return the cropped predictions of dataset indices below this (for pictures).
+        predictions: ``(index, image, mask, (H', W') int64)``, the prediction maybe padded at the bottom/right.
+        keep: also return image, mask and cropped prediction of dataset indices below this (for pictures).
 
     Returns:
-        metrics summary, per-image table (worst first), and the kept predictions by index.
+        metrics summary, per-image table (worst first), and the kept (image, mask, prediction) by index.
     """
     counts, ids, kept = [], [], {}
-    for index, pred in predictions:
-        _, mask = dataset.load(index)
+    for index, image, mask, pred in predictions:
         h, w = mask.shape
         pred = pred[:h, :w]
         counts.append(scoring.confusion_counts(pred[None], torch.from_numpy(mask.astype(np.int64))[None], len(classes)))
         ids.append(dataset.rows.loc[index, "id"])
         if index < keep:
-            kept[index] = pred.numpy().astype(np.uint8)
+            kept[index] = (image, mask, pred.numpy().astype(np.uint8))
     tp, fp, fn, tn = (torch.cat(parts) for parts in zip(*counts, strict=True))
     per_image = pd.DataFrame(scoring.per_image_iou(tp, fp, fn, tn).numpy(), columns=[f"iou_{c}" for c in classes])
     per_image.insert(0, "id", ids)
@@ -97,12 +131,11 @@ def score(
     return scoring.summarize(tp, fp, fn, tn, classes), per_image.sort_values("iou_macro"), kept
 
 
-def render_predictions(dataset: SegmentationDataset, kept: dict[int, np.ndarray], classes: list[str]) -> np.ndarray:
-    """Image, truth, prediction and an error map (red = wrong) for each kept prediction."""
+def render_predictions(kept: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]], classes: list[str]) -> np.ndarray:
+    """Image, truth, prediction and an error map (red = wrong) for each kept (image, mask, prediction)."""
     rows = []
     for index in sorted(kept):
-        image, mask = dataset.load(index)
-        pred = kept[index]
+        image, mask, pred = kept[index]
         image = viz.as_rgb(image)
         errors = np.where(((pred != mask) & (mask != IGNORE_INDEX))[..., None], (255, 40, 40), (image // 3)).astype(
             np.uint8
@@ -160,7 +193,7 @@ def run(params: Params, paths: Paths) -> dict:
             "model classes %s differ from params classes %s; scoring by the model's", card.classes, params.classes
         )
     seconds: list[float] = []
-    metrics, per_image, kept, dataset = test_scores(
+    metrics, per_image, kept, _ = test_scores(
         model, card, params, paths, keep=params.evaluate.preview_samples, seconds=seconds
     )
     summary = metrics
@@ -177,7 +210,7 @@ def run(params: Params, paths: Paths) -> dict:
         with atomic_path(paths.evaluate / name) as tmp:
             table.to_csv(tmp, index=False, float_format="%.6f")
     with atomic_path(paths.evaluate / PREDICTIONS) as tmp:
-        write_png(tmp, render_predictions(dataset, kept, card.classes))
+        write_png(tmp, render_predictions(kept, card.classes))
     # Timings change from run to run, so they are kept apart from the scores (metrics.json stays reproducible).
     write_text(paths.evaluate / SPEED, json.dumps(speed(seconds, model, card), indent=2) + "\n")
     # Last, so a metrics.json never sits beside tables from an older run.
