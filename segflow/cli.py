@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("stages", help="list the pipeline's stages in run order")
     params_parser = commands.add_parser("params", help="apply a ready configuration (e.g. configs/isbi2012.yaml)")
     params_parser.add_argument("config", type=Path, help="YAML file of the params to change")
+    commands.add_parser(
+        "freeze-test", help="keep today's test images as the test split as data grows (ingest.test_ids)"
+    )
     server_parser = commands.add_parser("server", help="a local Prefect server and dashboard on 127.0.0.1")
     server_parser.add_argument("--port", type=int, default=4200, help="port (default 4200)")
     deploy_parser = commands.add_parser("deploy", help="create/update the scheduled 'retrain' deployment")
@@ -113,6 +116,17 @@ def _dispatch(args: argparse.Namespace, root: Path) -> int:
         print(
             f"segflow: {len(changed)} param(s) changed in params.yaml"
             + (f" ({', '.join(changed)}); run `dvc repro` or `segflow run`" if changed else "")
+        )
+        return 0
+    if args.command == "freeze-test":
+        from segflow.config import freeze_test
+
+        count, reason = freeze_test(root)
+        print(
+            f"segflow: froze {count} test ids into params.yaml ingest.test_ids: they stay the test split, images "
+            "added later go to train/val; commit params.yaml"
+            if count
+            else f"segflow: nothing to freeze: {reason}"
         )
         return 0
     if args.command == "server":

@@ -53,7 +53,6 @@ def apply(root: Path, config: Path) -> list[str]:
         SegflowError: the file is missing or not a mapping, or the merged params are invalid
             (params.yaml is then left as it was).
     """
-    params_file = root / PARAMS_FILE
     try:
         override = read_yaml(config.read_text(encoding="utf-8"), config)
     except FileNotFoundError:
@@ -62,6 +61,17 @@ def apply(root: Path, config: Path) -> list[str]:
         raise SegflowError(f"{config}: not a YAML text file; give a file of params like configs/*.yaml") from None
     if not isinstance(override, dict):
         raise SegflowError(f"{config}: expected a mapping of params sections (like params.yaml), got {override!r}")
+    return set_params(root, override, f"after applying {config}")
+
+
+def set_params(root: Path, override: dict, why: str) -> list[str]:
+    """Merge ``override`` into ``root``/params.yaml, keeping its comments and order; validated as a whole
+    before the file is replaced (atomically). Returns the dotted keys whose value changed.
+
+    Raises:
+        SegflowError: the merged params are invalid (params.yaml is then left as it was).
+    """
+    params_file = root / PARAMS_FILE
     editor = YAML()  # round-trip: comments and key order survive
     editor.preserve_quotes = True
     editor.width = 4096  # no wrapping: one key, one line
@@ -72,7 +82,40 @@ def apply(root: Path, config: Path) -> list[str]:
     buffer = io.StringIO()
     editor.dump(document, buffer)
     text = buffer.getvalue()
-    parse_params(read_yaml(text, params_file), source=f"{params_file} (after applying {config})")
+    parse_params(read_yaml(text, params_file), source=f"{params_file} ({why})")
     with atomic_path(params_file) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return changed
+
+
+def freeze_test(root: Path) -> tuple[int, str | None]:
+    """``segflow freeze-test``: write today's test ids into params.yaml ``ingest.test_ids``.
+
+    From then on exactly those images are the test split, whatever is added to the dataset, so the
+    gate and ``dvc metrics diff`` compare scores on the same images (README, Models).
+
+    Returns:
+        (test ids frozen, or 0, and why nothing was done: the split is frozen already).
+
+    Raises:
+        SegflowError: ingest has not run yet (there is no split to freeze).
+    """
+    from segflow.layout import read_manifest, split_rows
+    from segflow.params import load_params
+
+    params = load_params(root / PARAMS_FILE)
+    cfg = params.ingest
+    if cfg.source == "folder" and (cfg.layout == "split_folders" or cfg.split_lists is not None):
+        return 0, "the dataset's own split lists (split_folders / split_lists) fix the test split already"
+    try:
+        rows = split_rows(read_manifest(root / params.paths.ingest), "test")
+    except (OSError, SegflowError):
+        raise SegflowError(
+            f"{params.paths.ingest}: no ingested data to freeze the test split of; run `segflow run` (or "
+            "`dvc repro ingest`) first"
+        ) from None
+    ids = sorted(rows["id"])
+    if cfg.test_ids is not None and sorted(cfg.test_ids) == ids:
+        return 0, f"ingest.test_ids already holds these {len(ids)} test ids"
+    set_params(root, {"ingest": {"test_ids": ids}}, "freezing the test split")
+    return len(ids), None

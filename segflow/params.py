@@ -164,6 +164,10 @@ class IngestParams(_Section):
     #: layout: paired only. {split: list file}: a text file of ids, one per line, inside the dataset
     #: (e.g. Pascal VOC's ImageSets/Segmentation/train.txt); only listed ids are ingested, split as listed.
     split_lists: dict[Split, str] | None = None
+    #: layout: paired (or source: synthetic). A frozen test set: exactly these ids are the test split, and
+    #: images added later go to train/val (those the hash would send to test go to train), so test scores
+    #: stay comparable as the data grows. ``segflow freeze-test`` writes today's test ids here.
+    test_ids: list[str] | None = None
     #: layout: paired only; the split of each id (or group) is a seeded hash cut at these fractions.
     val_fraction: float = Field(0.15, ge=0.0, lt=1.0)
     test_fraction: float = Field(0.15, ge=0.0, lt=1.0)
@@ -199,6 +203,16 @@ class IngestParams(_Section):
                 raise ValueError(f"ingest.{key} applies to layout: paired (split_folders keeps the given split)")
         if self.split_ids is not None and self.split_lists is not None:
             raise ValueError("give either ingest.split_ids or ingest.split_lists, not both")
+        if self.test_ids is not None:
+            if self.source == "folder" and (self.layout != "paired" or self.split_lists is not None):
+                raise ValueError(
+                    "ingest.test_ids freezes a hashed test split (layout: paired); with split_folders or "
+                    "split_lists the dataset's own lists already fix it"
+                )
+            if self.split_ids and "test" in self.split_ids:
+                raise ValueError("give the test ids in ingest.test_ids or ingest.split_ids.test, not both")
+            if not self.test_ids:
+                raise ValueError("ingest.test_ids is empty; list the frozen test ids, or set it to null")
         if self.split_ids is not None:
             listed = [i for ids in self.split_ids.values() for i in ids]
             twice = sorted({i for i in listed if listed.count(i) > 1})

@@ -103,3 +103,51 @@ def test_crash_leaves_previous_output_intact(tiny_params, tiny_paths, monkeypatc
     after = {p.relative_to(tiny_paths.ingest): p.read_bytes() for p in tiny_paths.ingest.rglob("*") if p.is_file()}
     assert after == before
     assert not [p for p in tiny_paths.ingest.parent.iterdir() if ".tmp-" in p.name], "no temporary left behind"
+
+
+def test_a_frozen_test_set_stays_exactly_itself_as_the_data_grows(tmp_path):
+    """`segflow freeze-test` writes today's test ids into params.yaml; after the dataset doubles, the test split
+    is exactly those images, the old train/val images keep their split, and the new ones train or validate."""
+    import yaml
+
+    from bench._util import merge
+    from segflow.config import freeze_test
+    from segflow.params import load_params
+    from segflow.registry.rescore import test_split
+    from tests.conftest import TINY
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(TINY))
+    params = load_params(tmp_path / "params.yaml")
+    before = ingest.run(params, params.paths.under(tmp_path))
+    assert not test_split(tmp_path, params)["frozen"]
+    count, _ = freeze_test(tmp_path)
+    frozen = sorted(before.loc[before["split"] == "test", "id"])
+    assert count == len(frozen) > 0
+    assert freeze_test(tmp_path) == (0, f"ingest.test_ids already holds these {count} test ids")
+
+    grown = merge(yaml.safe_load((tmp_path / "params.yaml").read_text()), {"ingest": {"synthetic": {"num_images": 48}}})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(grown))
+    params = load_params(tmp_path / "params.yaml")
+    after = ingest.run(params, params.paths.under(tmp_path))
+    assert len(after) == 48
+    assert sorted(after.loc[after["split"] == "test", "id"]) == frozen
+    old = before.set_index("id")["split"]
+    assert (after.set_index("id").loc[old.index, "split"] == old).all(), "no earlier image moved"
+    hashed = assign_splits(list(after["id"]), params.seed, 0.2, 0.2)
+    new_in_test = [i for i, s in zip(after["id"], hashed, strict=True) if s == "test" and i not in frozen]
+    assert new_in_test, "the hash would have sent some new images to test"
+    assert (after.set_index("id").loc[new_in_test, "split"] == "train").all()
+    assert test_split(tmp_path, params)["frozen"]
+
+    shrunk = merge(grown, {"ingest": {"test_ids": [*frozen, "scene_9999"]}})
+    with pytest.raises(SegflowError, match=r"ingest.test_ids lists 'scene_9999', which is not in the dataset"):
+        ingest.run(load_params_from(tmp_path, shrunk), params.paths.under(tmp_path))
+
+
+def load_params_from(folder, data):
+    import yaml
+
+    from segflow.params import load_params
+
+    (folder / "params.yaml").write_text(yaml.safe_dump(data))
+    return load_params(folder / "params.yaml")

@@ -213,9 +213,16 @@ def _collect(items: list, job: _Job, params: Params, problems: Problems) -> list
     if cfg.source == "synthetic" or (cfg.layout == "paired" and cfg.split_lists is None):
         keys = [r["group"] for r in rows]
         fixed = splits.fixed_groups(rows, cfg.split_ids or {})
-        for row, split in zip(
-            rows, splits.assign_splits(keys, params.seed, cfg.val_fraction, cfg.test_fraction, fixed), strict=True
-        ):
+        if cfg.test_ids:
+            frozen = splits.fixed_groups(rows, {"test": cfg.test_ids}, key="ingest.test_ids")
+            both = sorted(g for g in frozen if fixed.get(g, "test") != "test")
+            if both:
+                raise SegflowError(f"ingest.test_ids and ingest.split_ids both place group '{both[0]}'; keep one")
+            fixed |= frozen
+        assigned = splits.assign_splits(keys, params.seed, cfg.val_fraction, cfg.test_fraction, fixed)
+        if cfg.test_ids:  # a frozen test set: what the hash sends to test beyond it trains
+            assigned = splits.freeze_test(keys, assigned, fixed)
+        for row, split in zip(rows, assigned, strict=True):
             row["split"] = split
     rows = _deduplicate(rows, job.out, problems)
     if job.channels == "auto" and len({r["channels"] for r in rows}) > 1:

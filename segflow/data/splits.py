@@ -3,7 +3,8 @@
 With ``layout: paired`` the split of a sample is a seeded hash of its key (its
 ``ingest.group`` match, or its own id), so adding images never moves an
 existing one and related images share a split; ``ingest.split_ids`` fixes the
-split of listed ids (and their groups).
+split of listed ids (and their groups), and ``ingest.test_ids`` freezes the test
+split: exactly those ids, whatever is added later.
 """
 
 from __future__ import annotations
@@ -52,6 +53,15 @@ def assign_splits(
     return splits
 
 
+def freeze_test(keys: list[str], assigned: list[str], fixed: dict[str, str]) -> list[str]:
+    """Splits with a frozen test set: only the keys fixed to test stay there; others the hash put in test
+    go to train (train and val of everything else keep their hashed split, so growth moves nothing)."""
+    return [
+        "train" if split == "test" and fixed.get(key) != "test" else split
+        for key, split in zip(keys, assigned, strict=True)
+    ]
+
+
 def group_of(sample_id: str, pattern: str | None, name: str) -> str:
     """The key that decides a sample's split: its ``ingest.group`` match, or its own id.
 
@@ -68,8 +78,9 @@ def group_of(sample_id: str, pattern: str | None, name: str) -> str:
     return found.group(1) if found.re.groups else found.group(0)
 
 
-def fixed_groups(rows: list[dict], split_ids: dict[str, list[str]]) -> dict[str, str]:
-    """{group: split} from ``ingest.split_ids``: a listed id takes its whole group along.
+def fixed_groups(rows: list[dict], split_ids: dict[str, list[str]], key: str = "ingest.split_ids") -> dict[str, str]:
+    """{group: split} from ``ingest.split_ids`` (or the frozen ``ingest.test_ids``, as ``{"test": ids}`` with
+    ``key``): a listed id takes its whole group along.
 
     Raises:
         SegflowError: a listed id is not in the data, or one group is listed for two splits.
@@ -77,16 +88,21 @@ def fixed_groups(rows: list[dict], split_ids: dict[str, list[str]]) -> dict[str,
     group_of_id = {r["id"]: r["group"] for r in rows}
     fixed: dict[str, str] = {}
     for split, ids in split_ids.items():
+        name = f"{key}.{split}" if key == "ingest.split_ids" else key
         for sample_id in ids:
             if sample_id not in group_of_id:
                 raise SegflowError(
-                    f"ingest.split_ids.{split} lists '{sample_id}', which is not in the dataset (or was skipped); "
-                    "fix the id (ids are file names without extension)"
+                    f"{name} lists '{sample_id}', which is not in the dataset (or was skipped); "
+                    + (
+                        "put the image back, or take it off the list (the frozen test set then changes)"
+                        if key == "ingest.test_ids"
+                        else "fix the id (ids are file names without extension)"
+                    )
                 )
             group = group_of_id[sample_id]
             if fixed.setdefault(group, split) != split:
                 raise SegflowError(
-                    f"ingest.split_ids puts group '{group}' in both {fixed[group]} and {split} "
+                    f"{key} puts group '{group}' in both {fixed[group]} and {split} "
                     f"(through '{sample_id}'); one group belongs to one split"
                 )
     return fixed

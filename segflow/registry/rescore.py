@@ -31,9 +31,9 @@ def test_split(root: Path, params: Params) -> dict:
     """The identity of the workspace's test split: sha256 over its ids and stored image and mask bytes.
 
     Returns:
-        ``{"sha256": hex, "images": N, "ids": [...], "frozen": bool}``; frozen when the dataset's own
-        lists name the splits (``ingest.split_ids`` / ``split_lists`` / ``layout: split_folders``), so data growth
-        cannot move images into it.
+        ``{"sha256": hex, "images": N, "ids": [...], "frozen": bool}``; frozen when data growth cannot move
+        images into it: ``ingest.test_ids`` (``segflow freeze-test``), the dataset's own lists
+        (``split_lists``, ``layout: split_folders``), or ``split_ids.test`` with ``test_fraction: 0``.
     """
     ingest = root / params.paths.ingest
     rows = split_rows(read_manifest(ingest), "test")
@@ -41,8 +41,13 @@ def test_split(root: Path, params: Params) -> dict:
     for row in rows.itertuples():
         digest.update(f"{row.id}\t{sha256_file(ingest / row.image)}\t{sha256_file(ingest / row.mask)}\n".encode())
     cfg = params.ingest
-    frozen = cfg.source == "folder" and (
-        cfg.split_ids is not None or cfg.split_lists is not None or cfg.layout == "split_folders"
+    frozen = cfg.test_ids is not None or (
+        cfg.source == "folder"
+        and (
+            cfg.split_lists is not None
+            or cfg.layout == "split_folders"
+            or (bool(cfg.split_ids and cfg.split_ids.get("test")) and cfg.test_fraction == 0)
+        )
     )
     return {"sha256": digest.hexdigest(), "images": len(rows), "ids": list(rows["id"]), "frozen": bool(frozen)}
 
