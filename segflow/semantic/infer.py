@@ -5,7 +5,9 @@ ONNX export) with the preprocessing its card describes: channels converted to
 the model's, pixels scaled to 0-1 and normalised, the image padded at the
 bottom/right to a multiple of the model's stride (raw value 0, as in
 training's evaluation pipeline). Images that fit in ``tile_size`` go through
-in one pass; larger ones in overlapping tiles, so memory is bounded by the tile.
+in one pass; larger ones in overlapping tiles, so the model's memory is
+bounded by the tile. The image's own arrays are not: :meth:`Predictor.logits`
+holds them whole (about 60 bytes a pixel), :meth:`Predictor.stream` does not.
 
 Near a tile's inner edge the network sees its zero padding instead of the
 image, so a tile's logits there are not the whole image's: for the demo's
@@ -18,11 +20,16 @@ quarter (:func:`_axis_weights`). A tile's logits count only at least about
 whole-image prediction sees them, and weigh fully), so a model whose edge
 effects reach less than that gives exactly the whole-image logits, and a
 larger overlap buys agreement for models that reach further.
+
+:meth:`Predictor.stream` gives the same class ids for an image that need not
+fit in memory: its rows come in strips, tiles are cut from the few rows they
+cover, and blended logits are kept only for rows that tiles still touch
+(about ``tile_size + step`` rows: memory grows with the width, not the area).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -161,6 +168,199 @@ class Predictor:
     def predict(self, image: np.ndarray) -> np.ndarray:
         """Class ids of one image: (H, W) uint8."""
         return self.logits(image).argmax(0).astype(np.uint8)
+
+    @property
+    def streams(self) -> bool:
+        """Whether :meth:`stream` gives :meth:`predict`'s result: not with ``augment.eval`` transforms (CLAHE and
+        the like see the whole image, so a strip of it would be transformed differently)."""
+        return self._pixel is None
+
+    def _plan(self, height: int, width: int) -> tuple[list[list[tuple[int, int, int, int]]], int]:
+        """The batches :meth:`logits` runs, in its order, and the most rows any batch keeps live.
+
+        Before a batch runs, rows above its first tile are finished (tiles come row by row), so the
+        rows live at once run from that tile to the bottom of the batch's last one.
+        """
+        windows = list(self._windows(height, width))
+        batches = [windows[i : i + self.batch_size] for i in range(0, len(windows), self.batch_size)]
+        return batches, max(batch[-1][0] + batch[-1][2] - batch[0][0] for batch in batches)
+
+    def whole_bytes(self, height: int, width: int) -> int:
+        """About the memory :meth:`predict` takes for an image held whole, beyond the model's own.
+
+        Per padded pixel: the uint8 image, the float32 input, the logits' running sum and their quotient
+        (K float32 each), the weights and their clamp, and the argmax's int64.
+        """
+        d = self.card.pad_divisor
+        pixels = -(-height // d) * d * (-(-width // d) * d)
+        per_pixel = 3 + 4 * self.card.in_channels + 8 * len(self.card.classes) + 8 + 8
+        return pixels * per_pixel
+
+    def stream_bytes(self, height: int, width: int, channels: int = 3) -> int:
+        """About the memory :meth:`stream` takes, beyond the model's own: it grows with the width only.
+
+        The live rows (:meth:`_plan`) hold the blended logits and weights (float32) and the image's rows as
+        given and as the model's channels; a batch adds its tiles' input and logits.
+        """
+        d = self.card.pad_divisor
+        padded_w = -(-width // d) * d
+        _, live = self._plan(-(-height // d) * d, padded_w)
+        classes, model_channels = len(self.card.classes), self.card.in_channels
+        rows = live * (padded_w * 4 * (classes + 1) + width * (channels + model_channels))
+        tile = min(self.tile_size, padded_w) * self.tile_size
+        return rows + self.batch_size * tile * 4 * (model_channels + 2 * classes)
+
+    def _input(self, tile: np.ndarray) -> np.ndarray:
+        """One tile's model input, (C, h, w) float32: :meth:`prepare`'s arithmetic on the tile's pixels alone."""
+        return ((tile.astype(np.float32) - self._mean) / self._std).transpose(2, 0, 1)
+
+    def stream(self, strips: Iterable[np.ndarray], height: int, width: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Class ids of an image that arrives in row strips, handed on as rows finish: :meth:`predict`'s ids.
+
+        The same tiles go through the model in the same batches, their logits are weighted and summed in
+        the same order and divided the same way, so every id equals :meth:`predict`'s (ties included);
+        only the rows some tile still covers are held. Images that fit one tile go through
+        :meth:`predict` whole (they are small).
+
+        Args:
+            strips: the image top to bottom: (n, W) or (n, W, C) uint8 arrays whose n sum to ``height``.
+            height, width: the image's size.
+
+        Yields:
+            (rows of the image as given, (n, W) uint8 class ids of those rows), top to bottom.
+
+        Raises:
+            ValueError: the strips do not make up a ``height`` x ``width`` image, or the model has
+                ``augment.eval`` transforms (:attr:`streams`).
+        """
+        if not self.streams:
+            raise ValueError("a model with augment.eval transforms predicts whole images only")
+        rows = _Rows(iter(strips), height, width, self.card.in_channels)
+        d = self.card.pad_divisor
+        padded_h, padded_w = -(-height // d) * d, -(-width // d) * d
+        if padded_h <= self.tile_size and padded_w <= self.tile_size:
+            rows.fill(height)
+            image = rows.given(0, height)
+            yield image, self.predict(image)
+            return
+        batches, live = self._plan(padded_h, padded_w)
+        tile_h, tile_w = batches[0][0][2:]
+        ys = sorted({y for batch in batches for y, *_ in batch})
+        xs = sorted({x for batch in batches for _, x, *_ in batch})
+        along_y = dict(zip(ys, _axis_weights(ys, tile_h, self.overlap), strict=True))
+        along_x = dict(zip(xs, _axis_weights(xs, tile_w, self.overlap), strict=True))
+        total = np.zeros((len(self.card.classes), live, padded_w), dtype=np.float32)
+        weight = np.zeros((live, padded_w), dtype=np.float32)
+        top = 0  # the image row that row 0 of total and weight holds
+
+        def finish(until: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+            nonlocal top
+            for start in range(0, min(until, height) - top, _FINISH_ROWS):  # a few rows' quotient at a time
+                stop = min(start + _FINISH_ROWS, min(until, height) - top)
+                blended = total[:, start:stop, :width] / np.maximum(weight[start:stop, :width], 1e-12)
+                yield rows.given(top + start, top + stop), blended.argmax(0).astype(np.uint8)
+            _shift(total, until - top, axis=1)
+            _shift(weight, until - top, axis=0)
+            rows.drop(until)
+            top = until
+
+        for batch in batches:
+            if batch[0][0] > top:
+                yield from finish(batch[0][0])
+            rows.fill(min(batch[-1][0] + tile_h, height))
+            out = self.forward(np.stack([self._input(rows.tile(y, x, th, tw)) for y, x, th, tw in batch]))
+            for logits, (y, x, th, tw) in zip(out, batch, strict=True):
+                blend = np.outer(along_y[y], along_x[x])
+                total[:, y - top : y - top + th, x : x + tw] += logits * blend
+                weight[y - top : y - top + th, x : x + tw] += blend
+        yield from finish(padded_h)
+        rows.end()
+
+
+#: Finished rows divided and argmaxed at a time by :meth:`Predictor.stream` (so the quotient's float32
+#: and the argmax's int64 temporaries stay small).
+_FINISH_ROWS = 64
+
+
+def _shift(array: np.ndarray, rows: int, axis: int) -> None:
+    """Move ``array``'s rows (along ``axis``) up by ``rows`` and zero the rows freed at the end, in place.
+
+    Copied ``rows`` at a time, so no copy overlaps its source and no temporary of the whole is made.
+    """
+    view = np.moveaxis(array, axis, 0)
+    size = view.shape[0]
+    rows = min(rows, size)
+    if rows <= 0:
+        return
+    for start in range(rows, size, rows):
+        stop = min(start + rows, size)
+        view[start - rows : stop - rows] = view[start:stop]
+    view[size - rows :] = 0
+
+
+class _Rows:
+    """The rows of a streamed image that tiles still need, as given and in the model's channels.
+
+    Strips are taken from ``strips`` only as tiles reach them; rows are let go once finished.
+    """
+
+    def __init__(self, strips: Iterator[np.ndarray], height: int, width: int, channels: int):
+        self._strips, self.height, self.width, self.channels = strips, height, width, channels
+        self._given: list[np.ndarray] = []  # consecutive strips from image row self._top on
+        self._model: list[np.ndarray] = []  # the same rows, converted by to_channels
+        self._top = self._bottom = 0
+
+    def fill(self, until: int) -> None:
+        """Take strips until rows up to ``until`` are held."""
+        while self._bottom < until:
+            strip = next(self._strips, None)
+            if strip is None:
+                raise ValueError(f"the strips ended at row {self._bottom} of {self.height}")
+            if strip.ndim == 2:
+                strip = strip[..., None]
+            if strip.dtype != np.uint8 or strip.shape[1] != self.width or self._bottom + len(strip) > self.height:
+                raise ValueError(f"a strip of {strip.shape} {strip.dtype} at row {self._bottom} does not fit the image")
+            # Whole rows, as prepare converts them: the same arithmetic gives the same values.
+            self._given.append(strip)
+            self._model.append(to_channels(strip, self.channels))
+            self._bottom += len(strip)
+
+    def end(self) -> None:
+        """Check that no rows are left over."""
+        if next(self._strips, None) is not None:
+            raise ValueError(f"the strips go on past row {self.height}")
+
+    def drop(self, until: int) -> None:
+        """Let go of rows above ``until``."""
+        while self._given and self._top + len(self._given[0]) <= until:
+            self._top += len(self._given.pop(0))
+            self._model.pop(0)
+        if self._given and self._top < until:
+            cut = until - self._top
+            self._given[0], self._model[0] = self._given[0][cut:].copy(), self._model[0][cut:].copy()
+            self._top = until
+
+    def _rows(self, strips: list[np.ndarray], start: int, stop: int, columns: slice) -> list[np.ndarray]:
+        parts, row = [], self._top
+        for strip in strips:
+            low, high = max(start, row), min(stop, row + len(strip))
+            if low < high:
+                parts.append(strip[low - row : high - row, columns])
+            row += len(strip)
+        return parts
+
+    def given(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of the image as given, (n, W, C) uint8 (a copy: the strips are let go)."""
+        return np.concatenate(self._rows(self._given, start, stop, slice(None)))
+
+    def tile(self, y: int, x: int, height: int, width: int) -> np.ndarray:
+        """A tile of the image in the model's channels, zero beyond the image (as prepare pads it)."""
+        out = np.zeros((height, width, self.channels), dtype=np.uint8)
+        row = 0
+        for part in self._rows(self._model, y, min(y + height, self.height), slice(x, x + width)):
+            out[row : row + len(part), : part.shape[1]] = part
+            row += len(part)
+        return out
 
 
 def torch_forward(model, device: str | None = None) -> Forward:
