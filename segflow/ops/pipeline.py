@@ -119,11 +119,14 @@ def pipeline(
         load_params(root_path / "params.yaml")  # every stage's params, before DVC deletes any output
         before = summary.read_metrics(root_path)
         with project_lock(root_path):
-            results, failure = _run_stages(root_path, force, stages, retries, logger)
+            # One push per run: a registration pushes before it tags (the remote must hold what a tag names).
+            results, failure = _run_stages(root_path, force, stages, retries, logger, push=not register)
             if register and not failure:
                 state = register_model(str(root_path), commit, return_state=True)
                 failure = state.message if state.is_failed() else None
                 registration = None if failure else state.result()
+            if register and not (registration or {}).get("registered") and _ran(results) and has_remote(root_path):
+                _remote(root_path, "push", logger)
     except (SegflowError, ValueError) as error:
         failure = str(error)
     result = {"root": root_path, **(summary.outputs(root_path) if results else {}), "stages": results}
@@ -142,7 +145,13 @@ def pipeline(
     return {k: v for k, v in result.items() if k != "root"}
 
 
-def _run_stages(root: Path, force: bool, targets: list[str] | None, retries: int, logger) -> tuple[list, str | None]:
+def _ran(results: list[dict]) -> bool:
+    return any(r["status"] == "ran" for r in results)
+
+
+def _run_stages(
+    root: Path, force: bool, targets: list[str] | None, retries: int, logger, push: bool = True
+) -> tuple[list, str | None]:
     remote = has_remote(root)
     if remote:
         _remote(root, "pull", logger)
@@ -164,6 +173,6 @@ def _run_stages(root: Path, force: bool, targets: list[str] | None, retries: int
             results.append({"stage": stage, "status": "failed", "seconds": 0.0, "note": state.message})
         else:
             results.append(state.result())
-    if remote and not failure and any(r["status"] == "ran" for r in results):
+    if push and remote and not failure and _ran(results):
         _remote(root, "push", logger)
     return results, failure
