@@ -187,6 +187,51 @@ PROMISES = [
             "tests/test_params.py::test_counts_have_sane_upper_bounds",
         ],
     ),
+    (
+        "A disk that fills during training (a real tmpfs, filled mid-run) leaves the last good model in place, "
+        "byte for byte (as read-only links into DVC's cache when a copy does not fit), dvc.lock unchanged, and "
+        "one line naming the disk and what is free on it",
+        [
+            "tests/test_disk_full.py::test_a_disk_that_fills_during_training_keeps_the_last_good_model",
+            "tests/test_disk_full.py::test_restore_on_a_full_disk_links_into_dvc_cache",
+            "tests/test_disk_full.py::test_a_full_disk_is_one_line_naming_the_file_and_the_disk",
+        ],
+    ),
+    (
+        "Crashes around the Prefect server (in order, one project): the project's server killed mid-training ends "
+        "`segflow run` with one line within a minute, the stage stopped and the outputs kept; every process of a "
+        "run killed at once (server included) leaks no gpu slot: the next run reclaims it and says whose it was, "
+        "marks the dead runs and their task runs CRASHED, and works; `segflow worker` losing its server is one line",
+        [
+            "tests/test_crash.py::test_a_killed_server_ends_the_run_with_one_line_and_keeps_the_outputs",
+            "tests/test_crash.py::test_power_loss_mid_training_then_the_slot_it_leaked_is_reclaimed",
+            "tests/test_crash.py::test_the_next_run_marks_the_dead_runs_crashed_reclaims_the_slot_and_works",
+            "tests/test_crash.py::test_a_worker_whose_server_goes_away_ends_with_one_line",
+        ],
+    ),
+    (
+        "Switching an export on or off reruns only the export stage (train unchanged in `dvc status`); the ONNX "
+        "export of a version is fetched through DVC and checked against the tag's card",
+        [
+            "tests/test_pipeline.py::test_switching_an_export_on_and_off_reruns_only_the_export_stage",
+            "tests/test_registry.py::test_onnx_and_pytorch_agree",
+        ],
+    ),
+    (
+        "A large PNG predicts in memory bounded by its width (peak RSS of a real subprocess under a budget that "
+        "whole-image prediction exceeds), with the class ids whole prediction gives; a file damaged part-way leaves "
+        "no mask; an image too large to decode whole is one line",
+        [
+            "tests/test_infer.py::test_a_large_png_predicts_in_memory_bounded_by_its_width",
+            "tests/test_infer.py::test_a_streamed_image_gets_exactly_the_class_ids_predict_gives",
+            "tests/test_infer.py::test_a_png_damaged_part_way_leaves_no_mask",
+            "tests/test_infer.py::test_an_image_too_large_to_decode_whole_is_one_line_naming_the_fix",
+        ],
+    ),
+    (
+        "A frozen test set (`segflow freeze-test`) stays exactly itself as the data grows; no earlier image moves",
+        ["tests/test_ingest.py::test_a_frozen_test_set_stays_exactly_itself_as_the_data_grows"],
+    ),
 ]
 
 REPRODUCIBILITY = """\

@@ -129,7 +129,7 @@ def test_a_worker_runs_the_deployment_and_the_dashboard_gets_the_story(project, 
     run = _run_deployment(prefect_api, deployment)
     assert run["state_type"] == "COMPLETED", run["state"]["message"]
     tasks = run_children(prefect_api, run["id"], "task_runs")
-    assert sorted(t["name"] for t in tasks) == ["augment", "evaluate", "ingest", "register", "train"]
+    assert sorted(t["name"] for t in tasks) == ["augment", "evaluate", "export", "ingest", "register", "train"]
     lines = _lines(prefect_api, run["id"])
     assert any("epoch 1/1: train loss" in line and "val IoU" in line for line in lines), "training progress per epoch"
     assert not any(line.startswith(("To track the changes", "💡 Tip")) for line in lines), "advice and tips left out"
@@ -141,7 +141,7 @@ def test_a_worker_runs_the_deployment_and_the_dashboard_gets_the_story(project, 
     summary = artifacts["segflow-pipeline-summary"]["data"]
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True).stdout.strip()
     assert f"git commit: `{commit}`" in summary and "params digest" in summary and "model md5" in summary
-    assert "**Completed**: ran ingest, augment, train, evaluate." in summary
+    assert "**Completed**: ran ingest, augment, train, export, evaluate." in summary
     assert "segflow-training-curves" in artifacts and "segflow-data-report" in artifacts
     progress = [a for a in run_children(prefect_api, run["id"], "artifacts") if a["type"] == "progress"]
     assert progress and progress[-1]["data"] == 100.0
@@ -158,7 +158,7 @@ def test_a_second_run_with_nothing_changed_skips_every_stage(project, prefect_ap
     run = _run_deployment(prefect_api, deployment)
     assert run["state_type"] == "COMPLETED"
     lines = _lines(prefect_api, run["id"])
-    assert sum("skipped: nothing it depends on changed" in line for line in lines) == 4
+    assert sum("skipped: nothing it depends on changed" in line for line in lines) == 5
     assert not any(line.startswith("Running stage") for line in lines)
     summary = next(
         a for a in run_children(prefect_api, run["id"], "artifacts") if a["key"] == "segflow-pipeline-summary"
@@ -205,7 +205,7 @@ def test_the_dashboard_shows_the_stages_and_the_metrics(project, prefect_api, de
         json={"flow_runs": {"deployment_id": {"any_": [deployment["id"]]}, "state": {"type": {"any_": ["COMPLETED"]}}}},
         timeout=10,
     ).json()
-    run = next(r for r in runs if len(run_children(prefect_api, r["id"], "task_runs")) == 5)
+    run = next(r for r in runs if len(run_children(prefect_api, r["id"], "task_runs")) == 6)
     page_url = f"{prefect_api.removesuffix('/api')}/runs/flow-run/{run['id']}"
     registrations = httpx.post(
         f"{prefect_api}/artifacts/filter",
@@ -218,9 +218,9 @@ def test_the_dashboard_shows_the_stages_and_the_metrics(project, prefect_api, de
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(page_url, wait_until="networkidle", timeout=60_000)
-            page.get_by_text("5 Task runs").first.wait_for(timeout=30_000)
+            page.get_by_text("6 Task runs").first.wait_for(timeout=30_000)
             page.get_by_text("Task Runs", exact=True).click()
-            for stage in ("ingest", "augment", "train", "evaluate", "register"):
+            for stage in ("ingest", "augment", "train", "export", "evaluate", "register"):
                 page.get_by_text(stage, exact=True).first.wait_for(timeout=30_000)
             page.get_by_text("Artifacts", exact=True).click()
             page.get_by_text("segflow-test-metrics").first.wait_for(timeout=30_000)
