@@ -27,7 +27,7 @@ from segflow.layout import (
     read_manifest,
     split_rows,
 )
-from segflow.params import IGNORE_INDEX, AugmentParams, Params, Paths
+from segflow.params import AugmentParams, Params, Paths
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,8 @@ def build_train_transform(params: AugmentParams, seed: int, channels: int = 3) -
 def build_eval_transform(params: AugmentParams, channels: int = 3) -> A.Compose:
     """Deterministic: ``augment.eval``'s pixel-level transforms, padding bottom/right to the stride, normalisation.
 
-    Padding sits at the bottom-right so predictions crop back with ``[:H, :W]``.
+    Padding sits at the bottom-right so predictions crop back with ``[:H, :W]``; it reflects the image (what
+    inference does too) and :class:`segflow.semantic.dataset.SegmentationDataset` ignores it in the mask.
     """
     mean, std = params.normalize.for_channels(channels)
     try:
@@ -72,9 +73,9 @@ def build_eval_transform(params: AugmentParams, channels: int = 3) -> A.Compose:
                 pad_height_divisor=params.pad_divisor,
                 pad_width_divisor=params.pad_divisor,
                 position="top_left",
-                border_mode=cv2.BORDER_CONSTANT,
-                fill=0,
-                fill_mask=IGNORE_INDEX,
+                # Reflected, as inference pads (segflow.semantic.infer); the dataset labels the padded
+                # pixels IGNORE_INDEX, so they are never scored.
+                border_mode=cv2.BORDER_REFLECT_101,
             ),
             A.Normalize(mean=mean, std=std),
         ],

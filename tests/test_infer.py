@@ -525,3 +525,51 @@ def test_a_large_png_predicts_in_memory_bounded_by_its_width(tmp_path):
     assert added < budget, f"streaming added {added / 2**20:.0f} MiB, over the {budget / 2**20:.0f} MiB budget"
     with Image.open(tmp_path / "out" / "large.png") as mask:
         assert mask.size == (width, height) and mask.mode == "L"
+
+
+def _local_brightness(batch: np.ndarray) -> np.ndarray:
+    """A model that calls a pixel class 1 where its 7x7 neighbourhood is bright (normalised mean > 0)."""
+    x = torch.from_numpy(np.ascontiguousarray(batch[:, :1]))
+    mean = torch.nn.functional.conv2d(x, torch.full((1, 1, 7, 7), 1 / 49), padding=3)
+    return torch.cat([-mean, mean], dim=1).numpy()
+
+
+@pytest.mark.parametrize("tile", [64, 32], ids=["whole", "tiled"])
+def test_padding_reflects_the_image_so_the_bottom_rows_are_not_invented(tile, tmp_path):
+    """A uniform bright 40x45 image padded to 64x64: zero padding would make a dark border the model sees from
+    the last rows (their class flips), reflection shows it more of the image; whole, tiled and streamed agree."""
+    card = _card(classes=2, pad=32)
+    image = np.full((40, 45, 3), 200, dtype=np.uint8)
+    predictor = Predictor(_local_brightness, card, tile_size=tile, overlap=16)
+    x = predictor.prepare(image)
+    assert x.shape == (3, 64, 64)
+    assert np.array_equal(x[:, 40:42], x[:, 38:36:-1]) and np.array_equal(x[:, :, 45:47], x[:, :, 43:41:-1])
+    zero = np.zeros((64, 64, 3), dtype=np.uint8)
+    zero[:40, :45] = image
+    zero_x = ((zero.astype(np.float32) - predictor._mean) / predictor._std).transpose(2, 0, 1)
+    with_zeros = _local_brightness(zero_x[None])[0, :, :40, :45].argmax(0)
+    assert (with_zeros[-2:] == 0).any(), "premise: zero padding changes the bottom rows"
+    assert (predictor.predict(image) == 1).all()
+    strips = [image[i : i + 7] for i in range(0, 40, 7)]
+    streamed = np.concatenate([ids for _, ids in predictor.stream(strips, 40, 45)])
+    assert (streamed == 1).all()
+
+
+def test_validation_pads_by_reflection_and_never_scores_the_padding():
+    from segflow.augment import build_eval_transform
+    from segflow.params import IGNORE_INDEX, AugmentParams
+    from segflow.semantic.dataset import SegmentationDataset
+    from segflow.semantic.infer import padded_index
+
+    transform = build_eval_transform(AugmentParams(pad_divisor=32))
+    image = np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    mask = np.ones((40, 50), dtype=np.uint8)
+    dataset = SegmentationDataset(".", __import__("pandas").DataFrame({"id": ["a"]}), transform)
+    dataset.load = lambda index: (image, mask)
+    x, y, _ = dataset[0]
+    assert tuple(x.shape) == (3, 64, 64)
+    reflected = image[padded_index(40, 64)[:, None], padded_index(50, 64)[None, :]]
+    assert np.array_equal(
+        transform(image=reflected, mask=np.zeros((64, 64), np.uint8))["image"].transpose(2, 0, 1), x.numpy()
+    )
+    assert (y[:40, :50] == 1).all() and (y[40:] == IGNORE_INDEX).all() and (y[:, 50:] == IGNORE_INDEX).all()

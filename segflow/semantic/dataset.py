@@ -16,6 +16,7 @@ from torch.utils.data import Dataset, Sampler
 
 from segflow.errors import SegflowError
 from segflow.io import read_image, read_mask
+from segflow.params import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,11 @@ class SegmentationDataset(Dataset):
         self.rows = rows.reset_index(drop=True)
         self.transform = transform
         self._cache: list[tuple[np.ndarray, np.ndarray]] | None = None
+        # The evaluation pipeline pads bottom/right (segflow.augment.build_eval_transform).
+        self._pads_bottom_right = transform is not None and any(
+            isinstance(t, A.PadIfNeeded) and str(t.position) in ("top_left", "PositionType.TOP_LEFT")
+            for t in transform.transforms
+        )
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -76,8 +82,14 @@ class SegmentationDataset(Dataset):
         if seed is not None:
             self.transform.set_random_seed(seed)
         out = self.transform(image=image, mask=mask)
+        mask_out = out["mask"]
+        if self._pads_bottom_right and mask_out.shape != mask.shape:
+            # The evaluation pipeline pads by reflection: those pixels are not the image's, never score them.
+            mask_out = mask_out.copy()
+            mask_out[mask.shape[0] :, :] = IGNORE_INDEX
+            mask_out[:, mask.shape[1] :] = IGNORE_INDEX
         image_t = torch.from_numpy(np.ascontiguousarray(out["image"].transpose(2, 0, 1)))
-        return image_t, torch.from_numpy(out["mask"].astype(np.int64)), index
+        return image_t, torch.from_numpy(mask_out.astype(np.int64)), index
 
 
 class SeededSampler(Sampler):

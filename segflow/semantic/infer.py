@@ -3,8 +3,10 @@
 A :class:`Predictor` wraps a saved model (PyTorch from safetensors, or its
 ONNX export) with the preprocessing its card describes: channels converted to
 the model's, pixels scaled to 0-1 and normalised, the image padded at the
-bottom/right to a multiple of the model's stride (raw value 0, as in
-training's evaluation pipeline). Images that fit in ``tile_size`` go through
+bottom/right to a multiple of the model's stride by reflecting its last rows
+and columns (as training's validation pads; zeros would show the model a dark
+border it never saw in training, and on CamVid made the bottom rows "car"),
+the padded pixels cropped off the result. Images that fit in ``tile_size`` go through
 in one pass; larger ones in overlapping tiles, so the model's memory is
 bounded by the tile. The image's own arrays are not: :meth:`Predictor.logits`
 holds them whole (about 60 bytes a pixel), :meth:`Predictor.stream` does not.
@@ -59,6 +61,13 @@ def to_channels(image: np.ndarray, channels: int) -> np.ndarray:
         return np.repeat(image[..., :1], 3, axis=2)
     luma = image.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
     return np.clip(np.round(luma), 0, 255).astype(np.uint8)[..., None]
+
+
+def padded_index(size: int, padded: int) -> np.ndarray:
+    """For each position of an axis padded from ``size`` to ``padded``, the image position it shows: itself,
+    then the last ones reflected without repeating the edge (numpy's ``reflect``, OpenCV's
+    ``BORDER_REFLECT_101``, which validation's padding uses); an axis of one pixel repeats it."""
+    return np.pad(np.arange(size), (0, padded - size), mode="reflect" if size > 1 else "edge")
 
 
 def _axis_starts(length: int, tile: int, step: int) -> list[int]:
@@ -121,8 +130,7 @@ class Predictor:
             image = self._pixel(image=image)["image"].reshape(image.shape)
         h, w = image.shape[:2]
         d = self.card.pad_divisor
-        padded = np.zeros((-(-h // d) * d, -(-w // d) * d, image.shape[2]), dtype=np.uint8)
-        padded[:h, :w] = image
+        padded = image[padded_index(h, -(-h // d) * d)[:, None], padded_index(w, -(-w // d) * d)[None, :]]
         return ((padded.astype(np.float32) - self._mean) / self._std).transpose(2, 0, 1)
 
     def _windows(self, height: int, width: int) -> Iterator[tuple[int, int, int, int]]:
@@ -235,9 +243,9 @@ class Predictor:
         """
         if not self.streams:
             raise ValueError("a model with augment.eval transforms predicts whole images only")
-        rows = _Rows(iter(strips), height, width, self.card.in_channels)
         d = self.card.pad_divisor
         padded_h, padded_w = -(-height // d) * d, -(-width // d) * d
+        rows = _Rows(iter(strips), height, width, self.card.in_channels, padded_h, padded_w)
         if padded_h <= self.tile_size and padded_w <= self.tile_size:
             rows.fill(height)
             image = rows.given(0, height)
@@ -304,8 +312,11 @@ class _Rows:
     Strips are taken from ``strips`` only as tiles reach them; rows are let go once finished.
     """
 
-    def __init__(self, strips: Iterator[np.ndarray], height: int, width: int, channels: int):
+    def __init__(
+        self, strips: Iterator[np.ndarray], height: int, width: int, channels: int, padded_h: int, padded_w: int
+    ):
         self._strips, self.height, self.width, self.channels = strips, height, width, channels
+        self._ys, self._xs = padded_index(height, padded_h), padded_index(width, padded_w)
         self._given: list[np.ndarray] = []  # consecutive strips from image row self._top on
         self._model: list[np.ndarray] = []  # the same rows, converted by to_channels
         self._top = self._bottom = 0
@@ -354,13 +365,11 @@ class _Rows:
         return np.concatenate(self._rows(self._given, start, stop, slice(None)))
 
     def tile(self, y: int, x: int, height: int, width: int) -> np.ndarray:
-        """A tile of the image in the model's channels, zero beyond the image (as prepare pads it)."""
-        out = np.zeros((height, width, self.channels), dtype=np.uint8)
-        row = 0
-        for part in self._rows(self._model, y, min(y + height, self.height), slice(x, x + width)):
-            out[row : row + len(part), : part.shape[1]] = part
-            row += len(part)
-        return out
+        """A tile of the padded image in the model's channels, reflected beyond the image as prepare pads it."""
+        ys, xs = self._ys[y : y + height], self._xs[x : x + width]
+        low, left = int(ys.min()), int(xs.min())
+        block = np.concatenate(self._rows(self._model, low, int(ys.max()) + 1, slice(left, int(xs.max()) + 1)))
+        return block[(ys - low)[:, None], (xs - left)[None, :]]
 
 
 def torch_forward(model, device: str | None = None) -> Forward:
