@@ -29,11 +29,13 @@ AUGMENT_PREVIEW = "preview.png"
 MODEL_DIR = "model"
 LIVE_DIR = "live"
 # ${paths.evaluate}/
-METRICS = "metrics.json"
+METRICS = "metrics.json"  # headline scores only, numbers: what `dvc metrics show` / `diff` list
+SCORES = "scores.json"  # everything metrics.json is drawn from: per class, the split, the reduction
 SPEED = "speed.json"
 PER_CLASS = "per_class.csv"
 PER_IMAGE = "per_image.csv"
 PREDICTIONS = "predictions.png"
+CONFUSION = "confusion.png"
 
 
 def read_manifest(ingest_dir: Path) -> pd.DataFrame:
@@ -108,3 +110,26 @@ def load_transform(path: Path, seed: int | None = None):
     if seed is not None:
         transform.set_random_seed(seed)
     return transform
+
+
+def read_scores(evaluate_dir: Path) -> dict | None:
+    """The evaluate stage's full scores (``scores.json``; a project evaluated before it existed: its
+    ``metrics.json``, which held them), or None before evaluate ran."""
+    import json
+
+    for name in (SCORES, METRICS):
+        path = Path(evaluate_dir) / name
+        if path.is_file():
+            return json.loads(path.read_text())
+    return None
+
+
+def headline_metrics(scores: dict) -> dict:
+    """metrics.json from the full scores: numbers only, a few columns (per class is in per_class.csv)."""
+    keep = ("macro", "macro_foreground", "micro")
+    return {
+        "images": scores["images"],
+        "iou": {k: scores["iou"][k] for k in keep},
+        "dice": {k: scores["dice"][k] for k in keep},
+        "pixel_accuracy": scores["pixel_accuracy"],
+    }

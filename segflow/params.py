@@ -344,6 +344,10 @@ class TrainParams(_Section):
     #: holding encoder or whole-model weights. Hub names ("imagenet") need network.
     encoder_weights: str | None = None
     loss: Loss = "dice_ce"
+    #: Class weights for the loss's cross-entropy or focal term (dice and lovasz alone have none): null (none),
+    #: median_frequency (SegNet's median frequency balancing, from the training split's pixel counts), or one
+    #: positive weight per class, in class order.
+    class_weights: Literal["median_frequency"] | list[float] | None = None
     #: adamw | sgd (with ``momentum``, Nesterov).
     optimizer: Literal["adamw", "sgd"] = "adamw"
     #: Peak learning rate (the schedule's top).
@@ -360,12 +364,18 @@ class TrainParams(_Section):
     # Upper bounds catch a slip of the keyboard (1000000000 epochs) before it trains for years.
     accumulate: int = Field(1, ge=1, le=1024)
     epochs: int = Field(20, ge=1, le=10_000)
+    #: Stop cleanly after this many minutes of training (resumed parts counted together), keeping the best
+    #: validated weights; null = no limit.
+    max_minutes: float | None = Field(None, gt=0, allow_inf_nan=False)
     batch_size: int = Field(16, ge=1, le=4096)
     #: The metric that picks the kept epoch and drives early stopping: val/iou_macro, val/dice_macro,
     #: val/loss, or val/iou_<class>; ``mode`` auto = min for losses, max for scores.
     monitor: str = Field("val/iou_macro", pattern=r"^(val/(iou_macro|dice_macro|loss|iou_\w+)|train/loss)$")
     mode: Literal["auto", "max", "min"] = "auto"
-    #: Early stopping: stop after this many epochs without an improvement of ``min_delta`` (0 = off).
+    #: Validate every N epochs, and always after the last; the kept epoch is a validated one.
+    val_every: int = Field(1, ge=1, le=10_000)
+    #: Early stopping: stop after this many validations (epochs, for train/loss) without an improvement of
+    #: ``min_delta`` (0 = off).
     patience: NonNegativeInt = 0
     min_delta: NonNegativeFloat = 0.0
     #: Resume an interrupted run from its last completed epoch (checkpoints in .segflow/checkpoints/,
@@ -395,11 +405,27 @@ class TrainParams(_Section):
     #: Deterministic kernels (torch.use_deterministic_algorithms, no cuDNN autotuning): bit-identical reruns on
     #: the same GPU and software, at some speed. CPU training is deterministic either way.
     deterministic: bool = False
+    #: A progress line (step, images/s, running loss, ETAs) at least this often within an epoch, in seconds;
+    #: 0 = only the per-epoch lines.
+    log_every_s: float = Field(30.0, ge=0, allow_inf_nan=False)
 
     @field_validator("encoder_weights")
     @classmethod
     def _weights(cls, value: str | None) -> str | None:
         return None if value in (None, "", "none", "null") else value
+
+    @field_validator("class_weights", mode="before")
+    @classmethod
+    def _class_weights(cls, value: Any) -> Any:
+        if value is None or value == "median_frequency":
+            return value
+        if isinstance(value, list | tuple) and value:
+            numbers = all(isinstance(w, int | float) and not isinstance(w, bool) for w in value)
+            if numbers and all(0 < w < float("inf") for w in value):
+                return [float(w) for w in value]
+        raise ValueError(
+            f"must be null, median_frequency or a list of positive numbers, one per class (got {value!r})"
+        )
 
     def resolved_workers(self, on_gpu: bool, cores: int | None = None, world_size: int = 1) -> int:
         """The DataLoader worker count ``auto`` stands for (see ``num_workers``), per training process.
@@ -434,6 +460,15 @@ class TrainParams(_Section):
             raise ValueError(
                 f"decoder_channels has {len(self.decoder_channels)} entries but encoder_depth is "
                 f"{self.encoder_depth}; give one width per encoder stage"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _weighted_term(self) -> TrainParams:
+        if self.class_weights is not None and self.loss in ("dice", "lovasz"):
+            raise ValueError(
+                f"train.class_weights weights the cross-entropy or focal term of the loss, and train.loss {self.loss} "
+                "has none; use ce, dice_ce, focal or focal_dice, or set class_weights: null"
             )
         return self
 
@@ -530,6 +565,8 @@ with warnings.catch_warnings():
 
         seed: int = 42
         classes: list[str] = Field(default_factory=lambda: ["background", "disk", "box", "triangle"])
+        #: The class that is not an object (left out of ``macro_foreground``), by name; null: none is.
+        background: str | None = None
         paths: Paths = Paths()
         ingest: IngestParams = IngestParams()
         augment: AugmentParams = AugmentParams()
@@ -550,6 +587,15 @@ with warnings.catch_warnings():
             if len(value) >= IGNORE_INDEX:
                 raise ValueError(f"at most {IGNORE_INDEX - 1} classes (label {IGNORE_INDEX} means ignore)")
             return value
+
+        @model_validator(mode="after")
+        def _background_named(self) -> Params:
+            if self.background is not None and self.background not in self.classes:
+                raise ValueError(
+                    f"background: {self.background!r} is not one of classes {self.classes}; name the class that "
+                    "is not an object, or write background: null"
+                )
+            return self
 
         @model_validator(mode="after")
         def _consistent(self) -> Params:

@@ -73,3 +73,28 @@ def grid(rows: list[list[np.ndarray]], classes: list[str], titles: list[str], sc
         draw.text((x + 14, y), name, fill=(0, 0, 0))
         x += 24 + 7 * len(name)
     return np.asarray(canvas)
+
+
+def confusion(counts: np.ndarray, classes: list[str], cell: int = 44) -> np.ndarray:
+    """A confusion matrix as a picture: rows are the true class, columns the predicted one, each cell
+    shaded by its share of the row (its number written in percent), so a rare class reads as clearly as
+    a common one. Returns (H, W, 3) uint8."""
+    counts = np.asarray(counts, dtype=np.float64)
+    shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    label = max(60, 7 * max(len(c) for c in classes) + 10)
+    size = len(classes)
+    canvas = Image.new("RGB", (label + size * cell + 4, label + size * cell + 4), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((4, 4), "true \\ predicted", fill="black")
+    for j, name in enumerate(classes):  # column heads, then row heads
+        draw.text((label + j * cell + 2, label - 14), name[: cell // 7], fill="black")
+        draw.text((4, label + j * cell + cell // 2 - 6), name, fill="black")
+    for i in range(size):
+        for j in range(size):
+            share = shares[i, j]
+            tone = int(255 - 200 * share)
+            fill = (tone, tone, 255) if i == j else (255, tone, tone)
+            x, y = label + j * cell, label + i * cell
+            draw.rectangle((x, y, x + cell - 2, y + cell - 2), fill=fill)
+            draw.text((x + 4, y + cell // 2 - 6), f"{100 * share:.0f}%" if counts[i].sum() else "-", fill="black")
+    return np.asarray(canvas)

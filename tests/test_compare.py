@@ -66,7 +66,7 @@ def test_compare_queues_runs_and_tabulates_two_architectures(tmp_path):
     table = pd.read_csv(csv).set_index("experiment")
     base = load_params(project / "params.yaml")
     for name, run in runs.items():
-        scores = run["data"]["metrics"]["data/evaluate/metrics.json"]["data"]
+        scores = json.loads(_git_show(project, run["rev"], "data/evaluate/scores.json"))
         row = table.loc[name]
         assert row["iou_macro"] == pytest.approx(scores["iou"]["macro"])
         assert row["iou_triangle"] == pytest.approx(scores["iou"]["per_class"]["triangle"])
@@ -76,3 +76,9 @@ def test_compare_queues_runs_and_tabulates_two_architectures(tmp_path):
         assert row["gmacs"] > 0 and row["train_s"] > 0 and row["infer_images_per_s"] > 0
     text = md.read_text()
     assert "segflow compare --archs Unet,SegNet" in text and "| synthetic-SegNet-vgg16_bn-dice_ce |" in text
+
+
+def _git_show(project, rev: str, path: str) -> str:
+    return subprocess.run(
+        ["git", "show", f"{rev}:{path}"], cwd=project, capture_output=True, text=True, check=True
+    ).stdout

@@ -111,8 +111,8 @@ def test_params_read_sees_whole_chains():
 @pytest.mark.parametrize("stage", STAGES)
 def test_stage_outputs_live_under_its_path(stage):
     spec = STAGES[stage]
-    outputs = list(spec.get("outs", []))
-    for key in ("metrics", "plots"):
+    outputs = []
+    for key in ("outs", "metrics", "plots"):
         outputs += [next(iter(o)) if isinstance(o, dict) else o for o in spec.get(key, [])]
     assert outputs, f"stage {stage} declares no outputs"
     for out in outputs:

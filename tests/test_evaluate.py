@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 from segflow.layout import (
+    CONFUSION,
     EVAL_PIPELINE,
     METRICS,
     MODEL_DIR,
     PER_CLASS,
     PER_IMAGE,
     PREDICTIONS,
+    SCORES,
+    headline_metrics,
     load_transform,
     read_manifest,
     split_rows,
@@ -39,6 +43,11 @@ def test_perfect_predictions_score_one_and_padding_is_cropped(prepared):
     assert summary["iou"]["macro"] == 1.0 and summary["pixel_accuracy"] == 1.0
     assert (per_image["iou_macro"] == 1.0).all() and len(per_image) == len(rows)
     assert list(kept) == [0]
+    # The confusion matrix: all on the diagonal, each class's pixels as the manifest counts them.
+    matrix = np.asarray(summary["confusion"]["counts"])
+    assert (matrix == np.diag(np.diag(matrix))).all() and summary["confusion"]["most_confused"] == []
+    for k, name in enumerate(params.classes):
+        assert matrix[k, k] == rows[f"px_{name}"].sum()
 
 
 class _Stub(torch.nn.Module):
@@ -72,9 +81,14 @@ def test_stage_run_writes_metrics_tables_and_preview(prepared, monkeypatch):
     monkeypatch.setattr(store, "load", lambda model_dir: (_Stub(), read_card(model_dir)))
     metrics = evaluate.run(params, paths)
 
-    on_disk = json.loads((paths.evaluate / METRICS).read_text())
+    on_disk = json.loads((paths.evaluate / SCORES).read_text())
     assert on_disk == json.loads(json.dumps(metrics))
     assert on_disk["reduction"].startswith("per_class:")
+    # metrics.json: the headline numbers only (no text, no per-class columns for `dvc metrics show`).
+    headline = json.loads((paths.evaluate / METRICS).read_text())
+    assert headline == headline_metrics(on_disk) and headline["iou"]["macro"] == on_disk["iou"]["macro"]
+    flat = pd.json_normalize(headline).iloc[0]
+    assert all(isinstance(v, int | float) for v in flat) and len(flat) <= 8
     manifest = read_manifest(paths.ingest)
     test_rows = manifest[manifest["split"] == "test"]
     assert on_disk["images"] == len(test_rows)
@@ -87,6 +101,12 @@ def test_stage_run_writes_metrics_tables_and_preview(prepared, monkeypatch):
     per_image = pd.read_csv(paths.evaluate / PER_IMAGE)
     assert set(per_image["id"]) == set(test_rows["id"])
     assert (paths.evaluate / PREDICTIONS).stat().st_size > 0
+    # "disk everywhere": every true class's pixels are in the disk column; the matrix sums to the pixels.
+    matrix = np.asarray(on_disk["confusion"]["counts"])
+    assert matrix.sum() == (test_rows["height"] * test_rows["width"]).sum()
+    assert (matrix[:, [0, 2, 3]] == 0).all()
+    assert [m["predicted"] for m in on_disk["confusion"]["most_confused"]] == ["disk"] * 3
+    assert (paths.evaluate / CONFUSION).stat().st_size > 0
 
 
 def test_batched_evaluation_decodes_once_and_predicts_as_one_by_one(prepared):

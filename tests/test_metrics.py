@@ -16,7 +16,7 @@ CLASSES = ["background", "a", "b"]
 
 def _summary(pred, target, classes=CLASSES):
     counts = confusion_counts(torch.tensor(pred)[None], torch.tensor(target)[None], len(classes))
-    return summarize(*counts, classes)
+    return summarize(*counts, classes, background="background")
 
 
 TARGET = [
@@ -56,6 +56,11 @@ def test_partial_overlap_by_hand():
     assert iou["background"] == pytest.approx(7 / 9)
     assert result["iou"]["macro"] == pytest.approx((4 / 5 + 3 / 4 + 7 / 9) / 3, abs=1e-6)
     assert result["iou"]["macro_foreground"] == pytest.approx((4 / 5 + 3 / 4) / 2, abs=1e-6)
+    # The background is the class params.yaml names, not whichever comes first; none named: all are objects.
+    counts = confusion_counts(torch.tensor([pred]), torch.tensor([TARGET]), 3)
+    named_b = summarize(*counts, CLASSES, background="b")["iou"]["macro_foreground"]
+    assert named_b == pytest.approx((4 / 5 + 7 / 9) / 2, abs=1e-6)
+    assert summarize(*counts, CLASSES, background=None)["iou"]["macro_foreground"] == result["iou"]["macro"]
     # Dice is F1 on pixel counts: 2 IoU / (1 + IoU) per class.
     assert result["dice"]["per_class"]["a"] == pytest.approx(2 * 0.8 / 1.8, abs=1e-6)
     assert result["pixel_accuracy"] == pytest.approx(14 / 16)

@@ -134,7 +134,7 @@ def test_a_worker_runs_the_deployment_and_the_dashboard_gets_the_story(project, 
     assert any("epoch 1/1: train loss" in line and "val IoU" in line for line in lines), "training progress per epoch"
     assert not any(line.startswith(("To track the changes", "💡 Tip")) for line in lines), "advice and tips left out"
     artifacts = {a["key"]: a for a in run_children(prefect_api, run["id"], "artifacts") if a["key"]}
-    metrics = json.loads((project / "data/evaluate/metrics.json").read_text())
+    metrics = json.loads((project / "data/evaluate/scores.json").read_text())
     table = artifacts["segflow-test-metrics"]["data"]
     table = json.loads(table) if isinstance(table, str) else table
     assert {row["class"]: row["iou"] for row in table} == metrics["iou"]["per_class"]

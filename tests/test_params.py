@@ -49,6 +49,7 @@ def test_project_params_file_is_valid_and_complete():
         ({"evaluate": {"preview_samples": 0}}, "evaluate.preview_samples"),
         ({"register": {"export": ["onnx"]}}, "register.export moved to export.formats"),
         ({"export": {"formats": ["tflite"]}}, "export.formats.0"),
+        ({"background": "sky"}, "background: 'sky' is not one of classes"),
     ],
 )
 def test_bad_params_are_rejected_by_name(data, expected):
@@ -137,10 +138,11 @@ def test_a_ready_configuration_is_applied_keeping_comments_and_refused_whole_whe
     original = (tmp_path / "params.yaml").read_text()
     config = tmp_path / "em.yaml"
     config.write_text(
-        "classes: [bg, disc, square, triangle]\naugment: {preset: microscopy}\ntrain: {epochs: 20, lr: 0.01}\n"
+        "classes: [bg, disc, square, triangle]\nbackground: bg\naugment: {preset: microscopy}\n"
+        "train: {epochs: 20, lr: 0.01}\n"
     )
     changed = apply(tmp_path, config)
-    assert changed == ["classes", "augment.preset", "train.lr"]  # epochs was already 20
+    assert changed == ["classes", "background", "augment.preset", "train.lr"]  # epochs was already 20
     text = (tmp_path / "params.yaml").read_text()
     assert "classes: [bg, disc, square, triangle]" in text
     assert "# Every hyperparameter of the pipeline." in text and "# nightly at 02:00" in text  # comments kept

@@ -26,6 +26,7 @@ from pathlib import Path
 import yaml
 
 from segflow.errors import SegflowError
+from segflow.layout import LIVE_DIR, SCORES, SPEED
 from segflow.ops.env import machine, stage_env
 from segflow.params import load_params, parse_params
 
@@ -173,6 +174,17 @@ def _flatten(node: dict, prefix: str = "") -> dict:
     return out
 
 
+def _json_at(root: Path, rev: str | None, path: Path) -> dict:
+    """A JSON file as committed in ``rev`` (an experiment's commit), flattened; {} when it is not there."""
+    if not rev:
+        return {}
+    shown = subprocess.run(["git", "show", f"{rev}:{path.as_posix()}"], cwd=root, capture_output=True, text=True)
+    try:
+        return _flatten(json.loads(shown.stdout)) if shown.returncode == 0 else {}
+    except ValueError:
+        return {}
+
+
 def collect(root: Path, combos: list[Combination]) -> list[dict]:
     """One row per combination from ``dvc exp show --json`` (newest experiment of that name)."""
     shown = json.loads(_dvc(root, "exp", "show", "--json", "--all-commits").stdout or "[]")
@@ -194,10 +206,11 @@ def collect(root: Path, combos: list[Combination]) -> list[dict]:
             row["status"] = "not finished (dvc queue status; dvc queue logs NAME)"
             rows.append(row)
             continue
-        files = result["metrics"].values()  # evaluate's scores, its speed.json, train's DVCLive summary
-        scores = next((m for m in files if "iou.macro" in m), {})
-        speed = next((m for m in files if "inference.images_per_s" in m), {})
-        live = next((m for m in files if "perf.fit_s" in m), {})
+        # Per class, speed and the training summary are git-tracked files of the experiment's commit.
+        paths = load_params(root / "params.yaml").paths
+        scores = _json_at(root, result["rev"], paths.evaluate / SCORES) or next(iter(result["metrics"].values()), {})
+        speed = _json_at(root, result["rev"], paths.evaluate / SPEED)
+        live = _json_at(root, result["rev"], paths.train / LIVE_DIR / "metrics.json")
         row.update(
             status="done",
             rev=(result["rev"] or "")[:7],

@@ -7,12 +7,11 @@ model get better"."""
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from segflow.layout import LIVE_DIR, METRICS, MODEL_DIR, PREDICTIONS, REPORT_MD
+from segflow.layout import LIVE_DIR, METRICS, MODEL_DIR, PREDICTIONS, REPORT_MD, read_scores
 from segflow.params import load_params
 
 #: The headline metric a run compares with the previous one.
@@ -21,8 +20,8 @@ _LABEL = {"iou": "IoU", "dice": "Dice"}
 
 
 def read_metrics(root: Path) -> dict | None:
-    path = root / load_params(root / "params.yaml").paths.evaluate / METRICS
-    return json.loads(path.read_text()) if path.is_file() else None
+    """The test scores of the last evaluate (per class included), or None."""
+    return read_scores(root / load_params(root / "params.yaml").paths.evaluate)
 
 
 def outputs(root: Path) -> dict:
@@ -47,9 +46,13 @@ def headline(metrics: dict) -> str:
     iou, dice = metrics["iou"], metrics["dice"]
     scored = {name: value for name, value in iou["per_class"].items() if value is not None}
     per_class = ", ".join(f"{name} {value:.3f}" for name, value in scored.items())
+    mistakes = (metrics.get("confusion") or {}).get("most_confused") or []
+    confused = "; most confused: " + ", ".join(
+        f"{m['true']} as {m['predicted']} {100 * m['share']:.1f} %" for m in mistakes[:2]
+    )
     return (
         f"test IoU (macro over {len(scored)} classes) {iou['macro']:.4f}, Dice (macro) {dice['macro']:.4f} "
-        f"on {metrics['images']} images; IoU per class: {per_class}"
+        f"on {metrics['images']} images; IoU per class: {per_class}" + (confused if mistakes else "")
     )
 
 

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from segflow.errors import SegflowError
-from segflow.layout import METRICS
+from segflow.layout import METRICS, SCORES
 from segflow.params import Params
 from segflow.registry.fetch import Version, versions
 from segflow.registry.git import git
@@ -25,10 +25,10 @@ def metric_of(metrics: dict, dotted: str) -> float:
     value = metrics
     for part in dotted.split("."):
         if not isinstance(value, dict) or part not in value:
-            raise SegflowError(f"register.metric: {dotted} is not in metrics.json; e.g. iou.macro, dice.macro")
+            raise SegflowError(f"register.metric: {dotted} is not in scores.json; e.g. iou.macro, dice.macro")
         value = value[part]
     if not isinstance(value, int | float):
-        raise SegflowError(f"register.metric: {dotted} is not a number in metrics.json")
+        raise SegflowError(f"register.metric: {dotted} is not a number in scores.json")
     return float(value)
 
 
@@ -38,11 +38,11 @@ def champion_of(root: Path, params: Params) -> tuple[Version | None, float | Non
     holder = next((v for v in versions(root, cfg.model) if cfg.stage in v.stages), None)
     if holder is None:
         return None, None
-    path = (params.paths.evaluate / METRICS).as_posix()
-    text = git(root, "show", f"{holder.commit}:{path}", check=False)
-    if not text:
-        return holder, holder.info.get("metric_value")
-    return holder, metric_of(json.loads(text), cfg.metric)
+    for name in (SCORES, METRICS):  # scores.json holds every metric; commits before it: metrics.json did
+        text = git(root, "show", f"{holder.commit}:{(params.paths.evaluate / name).as_posix()}", check=False)
+        if text:
+            return holder, metric_of(json.loads(text), cfg.metric)
+    return holder, holder.info.get("metric_value")
 
 
 def fair_champion(root: Path, params: Params, split: dict) -> dict:

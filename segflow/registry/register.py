@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from segflow.errors import SegflowError
-from segflow.layout import METRICS
+from segflow.layout import METRICS, read_scores
 from segflow.ops.plan import dvc, has_remote
 from segflow.params import Params, load_params
 from segflow.proc import Held, exclusive
@@ -138,10 +138,11 @@ def _register(root: Path, params: Params, commit: bool, allow_dirty: bool) -> di
     completed = _complete_interrupted(root, cfg.model)
     to_commit, dirty = _check_ready(root, params, commit, allow_dirty)
     warnings = [] if _on_branch(root) else ["HEAD is detached: the registration commit is on no branch"]
-    metrics_path = root / params.paths.evaluate / METRICS
-    if not metrics_path.is_file():
-        raise SegflowError(f"{metrics_path}: not found; run the pipeline (segflow run) before registering")
-    metrics = json.loads(metrics_path.read_text())
+    metrics = read_scores(root / params.paths.evaluate)
+    if metrics is None:
+        raise SegflowError(
+            f"{root / params.paths.evaluate / METRICS}: not found; run the pipeline (segflow run) before registering"
+        )
     candidate = metric_of(metrics, cfg.metric)
     origin = provenance(root)
     known = versions(root, cfg.model)

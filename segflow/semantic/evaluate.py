@@ -3,8 +3,10 @@
 Runs the saved model (``${paths.train}/model``, with its own preprocessing) on
 every test image at full size and writes ``${paths.evaluate}/``:
 
-- ``metrics.json``: IoU and Dice per class and at the named reductions
-  (see :mod:`segflow.semantic.metrics`), for ``dvc metrics show`` / ``diff``;
+- ``metrics.json``: the headline scores, numbers only (IoU and Dice macro,
+  foreground, micro; pixel accuracy), for ``dvc metrics show`` / ``diff``;
+- ``scores.json``: everything they are drawn from: per class, the split, the
+  reductions spelled out (see :mod:`segflow.semantic.metrics`);
 - ``per_class.csv``: the same per-class numbers as a table (a bar plot);
 - ``per_image.csv``: each test image's own IoU per class, worst first;
 - ``predictions.png``: test images with truth, prediction and errors;
@@ -25,7 +27,19 @@ import torch
 
 from segflow import viz
 from segflow.io import atomic_path, write_png, write_text
-from segflow.layout import METRICS, MODEL_DIR, PER_CLASS, PER_IMAGE, PREDICTIONS, SPEED, read_manifest, split_rows
+from segflow.layout import (
+    CONFUSION,
+    METRICS,
+    MODEL_DIR,
+    PER_CLASS,
+    PER_IMAGE,
+    PREDICTIONS,
+    SCORES,
+    SPEED,
+    headline_metrics,
+    read_manifest,
+    split_rows,
+)
 from segflow.params import IGNORE_INDEX, Params, Paths
 from segflow.semantic import infer, measure, store
 from segflow.semantic import metrics as scoring
@@ -105,7 +119,7 @@ def speed(seconds: list[float], model: torch.nn.Module, card: ModelCard) -> dict
 
 
 def score(
-    dataset: SegmentationDataset, predictions, classes: list[str], keep: int = 0
+    dataset: SegmentationDataset, predictions, classes: list[str], keep: int = 0, background: str | None = None
 ) -> tuple[dict, pd.DataFrame, dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]]:
     """Compare each prediction, cropped to its image, with the untouched mask on disk.
 
@@ -117,18 +131,42 @@ def score(
         metrics summary, per-image table (worst first), and the kept (image, mask, prediction) by index.
     """
     counts, ids, kept = [], [], {}
+    matrix = np.zeros((len(classes), len(classes)), dtype=np.int64)
     for index, image, mask, pred in predictions:
         h, w = mask.shape
         pred = pred[:h, :w]
         counts.append(scoring.confusion_counts(pred[None], torch.from_numpy(mask.astype(np.int64))[None], len(classes)))
         ids.append(dataset.rows.loc[index, "id"])
+        matrix += confusion_matrix(mask, pred.numpy(), len(classes))
         if index < keep:
             kept[index] = (image, mask, pred.numpy().astype(np.uint8))
     tp, fp, fn, tn = (torch.cat(parts) for parts in zip(*counts, strict=True))
     per_image = pd.DataFrame(scoring.per_image_iou(tp, fp, fn, tn).numpy(), columns=[f"iou_{c}" for c in classes])
     per_image.insert(0, "id", ids)
     per_image["iou_macro"] = per_image[[f"iou_{c}" for c in classes]].mean(axis=1, skipna=True)
-    return scoring.summarize(tp, fp, fn, tn, classes), per_image.sort_values("iou_macro"), kept
+    summary = scoring.summarize(tp, fp, fn, tn, classes, background)
+    summary["confusion"] = {"counts": matrix.tolist(), "most_confused": most_confused(matrix, classes)}
+    return summary, per_image.sort_values("iou_macro"), kept
+
+
+def confusion_matrix(mask: np.ndarray, pred: np.ndarray, num_classes: int) -> np.ndarray:
+    """Pixel counts of (true class, predicted class) over the labelled pixels (255 left out): (K, K) int64."""
+    labelled = mask != IGNORE_INDEX
+    pairs = mask[labelled].astype(np.int64) * num_classes + pred[labelled].astype(np.int64)
+    return np.bincount(pairs, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def most_confused(matrix: np.ndarray, classes: list[str], top: int = 3) -> list[dict]:
+    """The largest mistakes by share of the true class's pixels: ``[{"true", "predicted", "share"}]``."""
+    shares = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    np.fill_diagonal(shares, 0.0)
+    order = np.argsort(shares, axis=None)[::-1][:top]
+    found = []
+    for flat in order:
+        i, j = divmod(int(flat), len(classes))
+        if shares[i, j] > 0:
+            found.append({"true": classes[i], "predicted": classes[j], "share": round(float(shares[i, j]), 6)})
+    return found
 
 
 def render_predictions(kept: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]], classes: list[str]) -> np.ndarray:
@@ -165,8 +203,17 @@ def test_scores(
     predictor = infer.Predictor(
         infer.torch_forward(model), card, settings.tile_size, settings.overlap, settings.batch_size
     )
-    summary, per_image, kept = score(dataset, predict(predictor, dataset, seconds), card.classes, keep=keep)
-    metrics = {"split": "test", "images": len(rows), "reduction": scoring.REDUCTION, **summary}
+    background = params.background if params.background in card.classes else None
+    summary, per_image, kept = score(
+        dataset, predict(predictor, dataset, seconds), card.classes, keep=keep, background=background
+    )
+    metrics = {
+        "split": "test",
+        "images": len(rows),
+        "background": background,
+        "reduction": scoring.REDUCTION,
+        **summary,
+    }
     return metrics, per_image, kept, dataset
 
 
@@ -211,10 +258,13 @@ def run(params: Params, paths: Paths) -> dict:
             table.to_csv(tmp, index=False, float_format="%.6f")
     with atomic_path(paths.evaluate / PREDICTIONS) as tmp:
         write_png(tmp, render_predictions(kept, card.classes))
+    with atomic_path(paths.evaluate / CONFUSION) as tmp:
+        write_png(tmp, viz.confusion(np.asarray(summary["confusion"]["counts"]), card.classes))
     # Timings change from run to run, so they are kept apart from the scores (metrics.json stays reproducible).
     write_text(paths.evaluate / SPEED, json.dumps(speed(seconds, model, card), indent=2) + "\n")
+    write_text(paths.evaluate / SCORES, json.dumps(metrics, indent=2) + "\n")
     # Last, so a metrics.json never sits beside tables from an older run.
-    write_text(paths.evaluate / METRICS, json.dumps(metrics, indent=2) + "\n")
+    write_text(paths.evaluate / METRICS, json.dumps(headline_metrics(metrics), indent=2) + "\n")
     log.info(
         "test IoU macro %s (foreground %s), Dice macro %s on %d images",
         summary["iou"]["macro"],
@@ -222,4 +272,13 @@ def run(params: Params, paths: Paths) -> dict:
         summary["dice"]["macro"],
         metrics["images"],
     )
+    if summary["confusion"]["most_confused"]:
+        log.info("most confused: %s", confused_words(summary["confusion"]["most_confused"]))
     return metrics
+
+
+def confused_words(mistakes: list[dict]) -> str:
+    """``triangle as box (12.3 % of triangle pixels), ...``"""
+    return ", ".join(
+        f"{m['true']} as {m['predicted']} ({100 * m['share']:.1f} % of {m['true']} pixels)" for m in mistakes
+    )

@@ -8,7 +8,9 @@ class). Scores:
 - ``macro``: the unweighted mean of ``per_class`` over the classes that occur
   in the ground truth or the prediction; a class absent from both is
   undefined (null), not a free 1.0.
-- ``macro_foreground``: the same mean without ``classes[0]`` (background).
+- ``macro_foreground``: the same mean without the class params.yaml names
+  ``background`` (with ``background: null`` every class is foreground, and
+  it equals ``macro``); never "whatever class comes first".
 - ``micro``: one IoU/Dice from all classes' counts pooled. With one label
   per pixel every false positive of one class is a false negative of another,
   so micro Dice equals pixel accuracy (kept because readers expect the name).
@@ -28,7 +30,7 @@ from segflow.params import IGNORE_INDEX
 REDUCTION = (
     "per_class: IoU/Dice of each class from pixel counts summed over all images; "
     "macro: unweighted mean of per_class over classes present in ground truth or prediction; "
-    "macro_foreground: macro without the first (background) class; "
+    "macro_foreground: macro without the class named `background` in params.yaml (all classes when null); "
     "micro: all classes' pixel counts pooled (micro Dice = pixel accuracy for single-label masks)"
 )
 
@@ -61,13 +63,22 @@ def _clean(value: float | torch.Tensor) -> float | None:
     return None if math.isnan(value) else round(value, 6)
 
 
-def summarize(tp: torch.Tensor, fp: torch.Tensor, fn: torch.Tensor, tn: torch.Tensor, classes: list[str]) -> dict:
+def summarize(
+    tp: torch.Tensor,
+    fp: torch.Tensor,
+    fn: torch.Tensor,
+    tn: torch.Tensor,
+    classes: list[str],
+    background: str | None = None,
+) -> dict:
     """IoU and Dice at every reduction, as a JSON-ready dict.
 
     Args:
         tp, fp, fn, tn: (N, C) int64 counts from :func:`confusion_counts`.
-        classes: C class names, background first.
+        classes: C class names.
+        background: the class left out of ``macro_foreground`` (None: none is).
     """
+    foreground = torch.tensor([name != background for name in classes])
     totals = [t.sum(0) for t in (tp, fp, fn, tn)]
     pooled = [t.sum() for t in totals]
     result = {}
@@ -76,7 +87,7 @@ def summarize(tp: torch.Tensor, fp: torch.Tensor, fn: torch.Tensor, tn: torch.Te
         result[name] = {
             # nanmean of an all-NaN tensor is NaN, which _clean turns into None.
             "macro": _clean(per_class.nanmean()),
-            "macro_foreground": _clean(per_class[1:].nanmean()),
+            "macro_foreground": _clean(per_class[foreground].nanmean()),
             "micro": _clean(_scores(metric, *pooled)),
             "per_class": {c: _clean(v) for c, v in zip(classes, per_class.tolist(), strict=True)},
         }
