@@ -133,3 +133,17 @@ def headline_metrics(scores: dict) -> dict:
         "dice": {k: scores["dice"][k] for k in keep},
         "pixel_accuracy": scores["pixel_accuracy"],
     }
+
+
+def split_digest(ingest_dir: Path, rows: pd.DataFrame) -> str:
+    """The identity of a split: sha256 over its ids and their stored image and mask bytes (the same rows
+    with the same pixels give the same digest, on any machine)."""
+    import hashlib
+
+    from segflow.io import sha256_file
+
+    digest = hashlib.sha256()
+    for row in rows.itertuples():
+        line = f"{row.id}\t{sha256_file(Path(ingest_dir) / row.image)}\t{sha256_file(Path(ingest_dir) / row.mask)}\n"
+        digest.update(line.encode())
+    return digest.hexdigest()

@@ -56,3 +56,16 @@ def test_headline_counts_only_scored_classes():
     }
     line = headline(metrics)
     assert "macro over 2 classes" in line and "b " not in line and "on 3 images" in line
+
+
+def test_the_run_summary_compares_only_like_with_like():
+    from segflow.ops.summary import metric_change
+
+    def scores(value, classes=("bg", "a"), split="s1", images=10):
+        return {"images": images, "split_sha256": split, "iou": {"macro": value, "per_class": dict.fromkeys(classes)}}
+
+    assert metric_change(scores(0.5), scores(0.6)) == "test IoU macro 0.6000 (+0.1000 against 0.5000 before this run)"
+    other_classes = metric_change(scores(0.8765, ("bg", "a", "b", "c")), scores(0.1735, [f"c{i}" for i in range(12)]))
+    assert "not compared: the classes changed" in other_classes and "-0.70" not in other_classes
+    grown = metric_change(scores(0.5), scores(0.6, split="s2", images=14))
+    assert "not compared: the test split changed since the last run, 10 -> 14 images" in grown

@@ -64,6 +64,16 @@ def metric_change(before: dict | None, after: dict | None) -> str:
     now = after[group][key]
     if not before:
         return f"test {_LABEL[group]} {key} {now:.4f} (first evaluation)"
+    # Only like with like: the same classes, scored on the same test images.
+    classes = [list(m.get("iou", {}).get("per_class", {})) for m in (before, after)]
+    if classes[0] != classes[1]:
+        return f"test {_LABEL[group]} {key} {now:.4f} (not compared: the classes changed since the last run)"
+    splits = [m.get("split_sha256") for m in (before, after)]
+    if None not in splits and splits[0] != splits[1]:
+        return (
+            f"test {_LABEL[group]} {key} {now:.4f} (not compared: the test split changed since the last run, "
+            f"{before.get('images')} -> {after.get('images')} images; `segflow freeze-test` keeps it fixed)"
+        )
     then = before[group][key]
     if then == now:
         return f"test {_LABEL[group]} {key} {now:.4f} (unchanged)"

@@ -15,8 +15,8 @@ import logging
 from pathlib import Path
 
 from segflow.errors import SegflowError
-from segflow.io import sha256_file, write_text
-from segflow.layout import read_manifest, split_rows
+from segflow.io import write_text
+from segflow.layout import read_manifest, split_digest, split_rows
 from segflow.params import Params
 from segflow.registry.fetch import Version, fetch
 from segflow.stage import STATE_DIR
@@ -37,9 +37,6 @@ def test_split(root: Path, params: Params) -> dict:
     """
     ingest = root / params.paths.ingest
     rows = split_rows(read_manifest(ingest), "test")
-    digest = hashlib.sha256()
-    for row in rows.itertuples():
-        digest.update(f"{row.id}\t{sha256_file(ingest / row.image)}\t{sha256_file(ingest / row.mask)}\n".encode())
     cfg = params.ingest
     frozen = cfg.test_ids is not None or (
         cfg.source == "folder"
@@ -49,7 +46,8 @@ def test_split(root: Path, params: Params) -> dict:
             or (bool(cfg.split_ids and cfg.split_ids.get("test")) and cfg.test_fraction == 0)
         )
     )
-    return {"sha256": digest.hexdigest(), "images": len(rows), "ids": list(rows["id"]), "frozen": bool(frozen)}
+    digest = split_digest(ingest, rows)
+    return {"sha256": digest, "images": len(rows), "ids": list(rows["id"]), "frozen": bool(frozen)}
 
 
 def describe_change(before: dict | None, now: dict) -> str | None:

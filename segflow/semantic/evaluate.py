@@ -38,6 +38,7 @@ from segflow.layout import (
     SPEED,
     headline_metrics,
     read_manifest,
+    split_digest,
     split_rows,
 )
 from segflow.params import IGNORE_INDEX, Params, Paths
@@ -209,6 +210,7 @@ def test_scores(
     )
     metrics = {
         "split": "test",
+        "split_sha256": split_digest(paths.ingest, rows),
         "images": len(rows),
         "background": background,
         "reduction": scoring.REDUCTION,
