@@ -10,7 +10,7 @@ import pytest
 from bench._util import fresh_project, merge
 from tests.conftest import TINY
 from tests.datasets import paired
-from tests.test_pipeline import STAGES, _dvc, _ran
+from tests.test_pipeline import STAGES, _dvc, _ran, _segflow
 
 FOLDER = merge(
     TINY,
@@ -43,9 +43,14 @@ def test_tracked_dataset_runs_the_whole_pipeline_then_nothing(project):
     assert _ran(_dvc(project, "repro").stdout) == []
 
 
-def test_adding_an_image_reruns_ingest_and_every_later_stage(project):
+def test_adding_an_image_reruns_ingest_and_every_later_stage(project, prefect_api):
+    """Through `segflow run`, as a scheduled retrain meets new data: the run records the dataset's new version
+    in its .dvc file as `dvc repro` would, so `dvc status` is clean afterwards."""
     paired(project / "data/raw/cells", n=1, seed=5, prefix="added")
-    proc = _dvc(project, "repro")
+    proc = _segflow(project, prefect_api)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc.stdout += proc.stderr
+    assert "data/raw/cells.dvc: the data changed; its new version is recorded" in proc.stdout
     ran = _ran(proc.stdout)
     # The export follows the model: an image that lands in the test split leaves training's result as it was.
     assert [s for s in STAGES if s != "export"] == [s for s in ran if s != "export"], proc.stdout

@@ -23,7 +23,7 @@ from segflow.errors import SegflowError
 from segflow.ops import summary
 from segflow.ops.env import stage_env
 from segflow.ops.lock import project_lock
-from segflow.ops.plan import dvc, has_remote, stage_order, stages_to_run
+from segflow.ops.plan import changed_sources, dvc, has_remote, stage_order, stages_to_run
 from segflow.ops.runner import StageFailed, run_stage
 from segflow.ops.slots import GPU_LIMIT
 from segflow.params import load_params
@@ -156,6 +156,12 @@ def _run_stages(
     if remote:
         _remote(root, "pull", logger)
     order, stale = stages_to_run(root, force, targets)
+    for source in changed_sources(root) if stale else []:
+        # What `dvc repro` does first: record the data's new version (the old one stays in DVC's cache).
+        code, output = dvc(root, "commit", "--force", "--quiet", source)
+        if code != 0:
+            return [], f"dvc commit {source} failed: {output.splitlines()[-1] if output else code}"
+        logger.info("%s: the data changed; its new version is recorded (commit the .dvc file with git)", source)
     logger.info(
         "stages from dvc.yaml: %s; to run: %s", " -> ".join(order), ", ".join(s for s in order if s in stale) or "none"
     )

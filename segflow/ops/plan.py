@@ -68,6 +68,20 @@ def stages_to_run(
         return order, stale & set(order)
 
 
+def changed_sources(root: Path | str) -> list[str]:
+    """The ``.dvc`` files (data tracked by ``dvc add``) whose data changed since they were written.
+
+    ``dvc repro`` records the new version of such data in its ``.dvc`` file before running what depends on
+    it ("Verifying data sources"); ``dvc repro --single-item`` does not, so the flow does it
+    (:func:`segflow.ops.pipeline._run_stages`), or ``dvc status`` would stay dirty after the run.
+    """
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        changed = set(repo.status())
+        return sorted(s.addressing for s in repo.index.graph.nodes if not s.cmd and s.addressing in changed)
+
+
 def has_remote(root: Path | str) -> bool:
     """Whether the project has a DVC remote (then scheduled runs pull before and push after)."""
     from dvc.repo import Repo

@@ -195,10 +195,10 @@ def run(
 ) -> int:
     """``segflow run``: pre-flight checks, then the flow against a Prefect server."""
     from prefect import tags
-    from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES, temporary_settings
+    from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES, PREFECT_UI_URL, temporary_settings
 
     from segflow.errors import SegflowError
-    from segflow.ops.home import find_api
+    from segflow.ops.home import find_api, prefect_home
     from segflow.ops.lock import check_free
     from segflow.ops.pipeline import pipeline
     from segflow.ops.server import crash_orphaned_runs, run_tags
@@ -219,6 +219,8 @@ def run(
         if temporary:
             # A local temporary server has no flaky network to ride out; if it is gone, fail fast.
             settings[PREFECT_CLIENT_MAX_RETRIES] = 1
+            # No "View at http://127.0.0.1:PORT/..." lines: that server has no dashboard and is gone after the run.
+            settings[PREFECT_UI_URL] = ""
         with temporary_settings(settings), tags("segflow", *run_tags()):
             state = pipeline(
                 root=str(root), force=force, stages=stages, retries=retries, register=register, return_state=True
@@ -226,4 +228,9 @@ def run(
     if state.is_failed():
         raise SegflowError(state.message)
     print(_report(state.result()))
+    if temporary:
+        print(
+            f"  history:     this run and the ones before it are kept in {prefect_home(root)}; to browse them, "
+            "run `segflow server` and open http://127.0.0.1:4200"
+        )
     return 0

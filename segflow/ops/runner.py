@@ -41,6 +41,13 @@ _NOISE = (
 _ERROR = re.compile(r"^(segflow \w+: error:|ERROR:|Traceback|\w+Error: )")
 _WARNING = re.compile(r"^(WARNING:|\[\w+\] WARNING |segflow \w+: stopped|.*\bWarning: )|restored the last good")
 _EPOCH = re.compile(r"epoch (\d+)/(\d+): ")
+#: The train stage's lines within an epoch, at most one per train.log_every_s (segflow/semantic/callbacks.py):
+#: ``epoch 3/20, step 120/400: ...`` and ``epoch 3/20, validation 5/40: ...``.
+_WITHIN = re.compile(r"epoch (\d+)/(\d+), (step|validation) (\d+)/(\d+): ")
+#: The train stage stopped by its time budget: no epochs follow.
+_DONE = re.compile(r"stopped by train\.max_minutes")
+#: Least seconds between two artifact updates from within-epoch lines (epoch lines always update it).
+PROGRESS_EVERY_S = 5.0
 #: Exit statuses of a stage stopped by a signal (128 + SIGINT/SIGTERM, or killed: -9 / 137).
 _STOPPED = {130, 143, 137, -9, -15}
 
@@ -140,16 +147,35 @@ def _env(**more: str) -> dict[str, str]:
 
 
 class _Progress:
-    """A Prefect progress artifact that follows the ``epoch N/M`` lines of a stage."""
+    """A Prefect progress artifact that follows the ``epoch N/M`` lines of a stage: percent of the run.
 
-    def __init__(self, stage: str):
+    Lines within an epoch (``epoch 3/20, step 120/400: ...``) move it by the epoch's share of steps done,
+    and a validation line to the end of its epoch's training; those update the artifact at most every
+    :data:`PROGRESS_EVERY_S` seconds (the stage writes them at most every ``train.log_every_s`` already),
+    so a server write is never a per-step cost. A stop by ``train.max_minutes`` is 100%. The percent never
+    goes back (the epoch line after such a stop names an early epoch).
+    """
+
+    def __init__(self, stage: str, clock=time.monotonic):
         self.stage, self.artifact = stage, None
+        self.percent, self._clock, self._within_at = 0.0, clock, None
 
     def see(self, line: str) -> None:
-        found = _EPOCH.search(line)
-        if not found:
+        if found := _EPOCH.search(line):
+            percent = 100.0 * int(found.group(1)) / max(int(found.group(2)), 1)
+        elif found := _WITHIN.search(line):
+            now = self._clock()
+            if self._within_at is not None and now - self._within_at < PROGRESS_EVERY_S:
+                return
+            self._within_at = now
+            epoch, epochs, kind, done, total = found.groups()
+            share = int(done) / max(int(total), 1) if kind == "step" else 1.0
+            percent = 100.0 * (int(epoch) - 1 + min(share, 1.0)) / max(int(epochs), 1)
+        elif _DONE.search(line):
+            percent = 100.0
+        else:
             return
-        percent = 100.0 * int(found.group(1)) / max(int(found.group(2)), 1)
+        percent = self.percent = max(self.percent, min(percent, 100.0))
         description = f"{self.stage}: {line.split('] INFO ', 1)[-1]}"
         if self.artifact is None:
             self.artifact = create_progress_artifact(
