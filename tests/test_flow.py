@@ -69,3 +69,22 @@ def test_the_run_summary_compares_only_like_with_like():
     assert "not compared: the classes changed" in other_classes and "-0.70" not in other_classes
     grown = metric_change(scores(0.5), scores(0.6, split="s2", images=14))
     assert "not compared: the test split changed since the last run, 10 -> 14 images" in grown
+
+
+def test_stale_dvc_lock_entries_of_killed_stages_are_cleared_once_quietly(tmp_path):
+    import json
+    import os
+    import subprocess
+
+    from segflow.ops.lock import clear_stale_dvc_locks
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    lock = tmp_path / ".dvc" / "tmp" / "rwlock"
+    lock.parent.mkdir(parents=True)
+    killed = {"pid": dead.pid, "cmd": "dvc repro --single-item train"}
+    alive = {"pid": os.getpid(), "cmd": "dvc status"}
+    lock.write_text(json.dumps({"read": {"data/ingest": [killed, alive]}, "write": {"data/train/model": killed}}))
+    assert clear_stale_dvc_locks(tmp_path) == 2
+    assert json.loads(lock.read_text()) == {"read": {"data/ingest": [alive]}, "write": {}}
+    assert clear_stale_dvc_locks(tmp_path) == 0

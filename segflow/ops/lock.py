@@ -48,3 +48,34 @@ def check_free(root: Path) -> None:
     """
     with project_lock(root):
         pass
+
+
+def clear_stale_dvc_locks(root: Path) -> int:
+    """Drop the entries of processes that no longer exist from DVC's ``.dvc/tmp/rwlock``; return how many.
+
+    A stage killed mid-run (Ctrl-C, SIGKILL) leaves its entry there. DVC removes one only when a later
+    command needs the same paths, with a warning each time ("had been killed. Auto removed it"), so the
+    warnings came back run after run. The run clears them all once, quietly, under DVC's own lock on the
+    file, while it holds the project (no segflow stage of this project is running then).
+    """
+    import psutil
+    from dvc.fs import LocalFileSystem
+    from dvc.rwlock import _edit_rwlock  # DVC's own editor of the file, under its lock
+
+    tmp_dir = Path(root) / ".dvc" / "tmp"
+    if not (tmp_dir / "rwlock").is_file():
+        return 0
+    dropped = 0
+    with contextlib.suppress(Exception), _edit_rwlock(str(tmp_dir), LocalFileSystem(), False) as lock:
+        for path, info in list(lock["write"].items()):
+            if not psutil.pid_exists(int(info["pid"])):
+                del lock["write"][path]
+                dropped += 1
+        for path, infos in list(lock["read"].items()):
+            alive = [info for info in infos if psutil.pid_exists(int(info["pid"]))]
+            dropped += len(infos) - len(alive)
+            if alive:
+                lock["read"][path] = alive
+            else:
+                del lock["read"][path]
+    return dropped

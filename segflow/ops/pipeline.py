@@ -22,7 +22,7 @@ from prefect.states import Failed
 from segflow.errors import SegflowError
 from segflow.ops import summary
 from segflow.ops.env import stage_env
-from segflow.ops.lock import project_lock
+from segflow.ops.lock import clear_stale_dvc_locks, project_lock
 from segflow.ops.plan import changed_sources, dvc, has_remote, stage_order, stages_to_run
 from segflow.ops.runner import StageFailed, run_stage
 from segflow.ops.slots import GPU_LIMIT
@@ -152,6 +152,8 @@ def _ran(results: list[dict]) -> bool:
 def _run_stages(
     root: Path, force: bool, targets: list[str] | None, retries: int, logger, push: bool = True
 ) -> tuple[list, str | None]:
+    if cleared := clear_stale_dvc_locks(root):
+        logger.debug("cleared %d entries of killed processes from .dvc/tmp/rwlock", cleared)
     remote = has_remote(root)
     if remote:
         _remote(root, "pull", logger)
