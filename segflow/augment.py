@@ -26,6 +26,7 @@ from segflow.layout import (
     load_transform,
     read_manifest,
     split_rows,
+    spread,
 )
 from segflow.params import AugmentParams, Params, Paths
 
@@ -135,7 +136,8 @@ def run(params: Params, paths: Paths) -> None:
         with atomic_path(paths.augment / name) as tmp:
             A.save(transform, str(tmp), data_format="json")
 
-    chosen = split_rows(manifest, "train").head(cfg.preview_samples)
+    train_rows = split_rows(manifest, "train")
+    chosen = train_rows.iloc[spread(len(train_rows), cfg.preview_samples)]  # across the split, not the first few
     samples = [(read_image(paths.ingest / r.image), read_mask(paths.ingest / r.mask)) for r in chosen.itertuples()]
     # The preview draws from its own copy so it never depends on, or shifts, training's random stream.
     preview = render_preview(samples, load_transform(paths.augment / TRAIN_PIPELINE, params.seed), cfg, params.classes)

@@ -147,3 +147,15 @@ def split_digest(ingest_dir: Path, rows: pd.DataFrame) -> str:
         line = f"{row.id}\t{sha256_file(Path(ingest_dir) / row.image)}\t{sha256_file(Path(ingest_dir) / row.mask)}\n"
         digest.update(line.encode())
     return digest.hexdigest()
+
+
+def spread(total: int, count: int) -> list[int]:
+    """``count`` indices spread evenly over ``range(total)`` (first and last included), for pictures that
+    show a whole split rather than its first, often near-identical, consecutive files."""
+    if count <= 0 or total <= 0:
+        return []
+    if count >= total:
+        return list(range(total))
+    if count == 1:
+        return [0]
+    return sorted({round(i * (total - 1) / (count - 1)) for i in range(count)})

@@ -13,15 +13,16 @@ _IGNORE_COLOUR = (128, 128, 128)
 
 
 def palette(num_classes: int) -> np.ndarray:
-    """A fixed colour per class id: black background, evenly spaced hues after it.
+    """A fixed colour per class id, evenly spaced hues (no class is black: on CamVid class 0 is sky, and
+    black reads as "nothing"); alternate classes a little darker so neighbours in the list stay apart.
 
     Returns:
         (256, 3) uint8, indexable by any mask value; ignored pixels are grey.
     """
     colours = np.zeros((256, 3), dtype=np.uint8)
-    for cls in range(1, num_classes):
-        hue = (cls - 1) / max(num_classes - 1, 1)
-        colours[cls] = [round(255 * c) for c in colorsys.hsv_to_rgb(hue, 0.75, 1.0)]
+    for cls in range(num_classes):
+        hue = cls / max(num_classes, 1)
+        colours[cls] = [round(255 * c) for c in colorsys.hsv_to_rgb(hue, 0.75, 1.0 if cls % 2 == 0 else 0.7)]
     colours[IGNORE_INDEX] = _IGNORE_COLOUR
     return colours
 
@@ -54,9 +55,11 @@ def grid(rows: list[list[np.ndarray]], classes: list[str], titles: list[str], sc
     height, width = rows[0][0].shape[:2]
     cell_h, cell_w = height * scale, width * scale
     header, legend_h = 16, 18
+    entries = [*enumerate(classes), (IGNORE_INDEX, f"ignored ({IGNORE_INDEX})")]
+    legend_w = gap + sum(24 + 7 * len(name) for _, name in entries)
     canvas = Image.new(
         "RGB",
-        (len(titles) * (cell_w + gap) + gap, header + len(rows) * (cell_h + gap) + gap + legend_h),
+        (max(len(titles) * (cell_w + gap) + gap, legend_w), header + len(rows) * (cell_h + gap) + gap + legend_h),
         (255, 255, 255),
     )
     draw = ImageDraw.Draw(canvas)
@@ -68,7 +71,7 @@ def grid(rows: list[list[np.ndarray]], classes: list[str], titles: list[str], sc
             canvas.paste(tile, (gap + col * (cell_w + gap), header + gap + r * (cell_h + gap)))
     colours = palette(len(classes))
     x, y = gap, canvas.height - legend_h + 3
-    for cls, name in enumerate(classes):
+    for cls, name in entries:
         draw.rectangle((x, y, x + 10, y + 10), fill=tuple(int(c) for c in colours[cls]), outline=(0, 0, 0))
         draw.text((x + 14, y), name, fill=(0, 0, 0))
         x += 24 + 7 * len(name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from segflow.io import atomic_dir, atomic_path, write_text
@@ -44,3 +45,15 @@ def test_failed_file_write_keeps_the_old_file_or_none(tmp_path):
     assert old.read_text() == "old"
     assert not new.exists()
     assert _leftovers(tmp_path) == []
+
+
+def test_pictures_show_the_whole_split_and_no_class_in_black():
+    from segflow import viz
+    from segflow.layout import spread
+
+    assert spread(100, 6) == [0, 20, 40, 59, 79, 99] and spread(3, 6) == [0, 1, 2] and spread(9, 1) == [0]
+    colours = viz.palette(12)
+    assert not (colours[:12] == 0).all(axis=1).any(), "no class is drawn black"
+    assert len({tuple(c) for c in colours[:12]}) == 12
+    legend = viz.grid([[np.zeros((8, 8, 3), np.uint8)]], ["sky", "road"], ["image"])
+    assert (legend == viz.palette(2)[255]).all(axis=2).any(), "the legend shows the ignored pixels' grey"

@@ -40,6 +40,7 @@ from segflow.layout import (
     read_manifest,
     split_digest,
     split_rows,
+    spread,
 )
 from segflow.params import IGNORE_INDEX, Params, Paths
 from segflow.semantic import infer, measure, store
@@ -126,12 +127,14 @@ def score(
 
     Args:
         predictions: ``(index, image, mask, (H', W') int64)``, the prediction maybe padded at the bottom/right.
-        keep: also return image, mask and cropped prediction of dataset indices below this (for pictures).
+        keep: also return image, mask and cropped prediction of this many test images, spread over the split
+            (for pictures).
 
     Returns:
         metrics summary, per-image table (worst first), and the kept (image, mask, prediction) by index.
     """
     counts, ids, kept = [], [], {}
+    shown = set(spread(len(dataset), keep))
     matrix = np.zeros((len(classes), len(classes)), dtype=np.int64)
     for index, image, mask, pred in predictions:
         h, w = mask.shape
@@ -139,7 +142,7 @@ def score(
         counts.append(scoring.confusion_counts(pred[None], torch.from_numpy(mask.astype(np.int64))[None], len(classes)))
         ids.append(dataset.rows.loc[index, "id"])
         matrix += confusion_matrix(mask, pred.numpy(), len(classes))
-        if index < keep:
+        if index in shown:
             kept[index] = (image, mask, pred.numpy().astype(np.uint8))
     tp, fp, fn, tn = (torch.cat(parts) for parts in zip(*counts, strict=True))
     per_image = pd.DataFrame(scoring.per_image_iou(tp, fp, fn, tn).numpy(), columns=[f"iou_{c}" for c in classes])
@@ -192,7 +195,7 @@ def test_scores(
     split, both call this (same inference as ``segflow predict``, same reductions).
 
     Args:
-        keep: also return the predictions of the first ``keep`` test images (for pictures).
+        keep: also return the predictions of ``keep`` test images spread over the split (for pictures).
         seconds: if given, each image's inference time is appended.
 
     Returns:
