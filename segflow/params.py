@@ -423,9 +423,7 @@ class TrainParams(_Section):
             numbers = all(isinstance(w, int | float) and not isinstance(w, bool) for w in value)
             if numbers and all(0 < w < float("inf") for w in value):
                 return [float(w) for w in value]
-        raise ValueError(
-            f"must be null, median_frequency or a list of positive numbers, one per class (got {value!r})"
-        )
+        raise ValueError(f"must be null, median_frequency or a list of positive numbers, one per class (got {value!r})")
 
     def resolved_workers(self, on_gpu: bool, cores: int | None = None, world_size: int = 1) -> int:
         """The DataLoader worker count ``auto`` stands for (see ``num_workers``), per training process.

@@ -194,6 +194,7 @@ def test_stage_run_writes_model_and_metrics(tiny_params, tiny_paths, prepared):
     assert 0.0 <= summary["best_val_iou_macro"] <= 1.0
     live = json.loads((tiny_paths.train / LIVE_DIR / "metrics.json").read_text())
     assert {"loss", "iou_macro", "dice_macro"} <= set(live["val"])
+    assert live["epoch"] == summary["epochs"] == 1, "the summary counts epochs as the log does (epoch 1/1)"
     assert (tiny_paths.train / LIVE_DIR / "plots" / "metrics" / "train" / "loss.tsv").is_file()
     # The data path's figures, per epoch, beside the losses.
     perf = live["perf"]
@@ -338,3 +339,94 @@ def test_stage_trains_in_channels_last_with_sgd_clipping_accumulation_and_saves_
     model, _ = store.load(tiny_paths.train / MODEL_DIR)
     with torch.no_grad():
         assert model(torch.randn(1, 3, 32, 32)).shape == (1, 4, 32, 32)
+
+
+# --- class weights ------------------------------------------------------------------------------
+
+# Labelled pixels of three training images (and one val image, left out), classes bg / a / b:
+#   bg: 200 px in all three images (300 px)  -> freq 2/3
+#   a:   65 px in images 1 and 3 (200 px)    -> freq 0.325 (the median)
+#   b:   35 px in images 2 and 3 (200 px)    -> freq 0.175
+HAND_MADE = [
+    {"id": "i1", "split": "train", "px_bg": 60, "px_a": 40, "px_b": 0, "px_ignored": 7},
+    {"id": "i2", "split": "train", "px_bg": 90, "px_a": 0, "px_b": 10, "px_ignored": 0},
+    {"id": "i3", "split": "train", "px_bg": 50, "px_a": 25, "px_b": 25, "px_ignored": 300},
+    {"id": "v1", "split": "val", "px_bg": 1, "px_a": 0, "px_b": 99, "px_ignored": 0},
+]
+
+
+def _hand_made_train_rows(tmp_path, rows=HAND_MADE):
+    import pandas as pd
+
+    pd.DataFrame(rows).to_csv(tmp_path / "manifest.csv", index=False)
+    return split_rows(read_manifest(tmp_path), "train")
+
+
+def test_median_frequency_weights_from_known_pixel_counts(tmp_path):
+    rows = _hand_made_train_rows(tmp_path)
+    cfg = SMALL.model_copy(update={"class_weights": "median_frequency"})
+    weights = train._class_weights(cfg, rows, ["bg", "a", "b"])
+    # median(freq) / freq(c): 0.325 / (2/3), 0.325 / 0.325, 0.325 / 0.175; ignored pixels count nowhere.
+    assert weights == pytest.approx([0.4875, 1.0, 13 / 7], rel=1e-12)
+    given = SMALL.model_copy(update={"class_weights": [1.0, 2.0, 3.0]})
+    assert train._class_weights(given, rows, ["bg", "a", "b"]) == [1.0, 2.0, 3.0]
+    assert train._class_weights(SMALL, rows, ["bg", "a", "b"]) is None
+    with pytest.raises(SegflowError, match=r"has 3 weights but there are 4 classes") as caught:
+        train._class_weights(given, rows, ["bg", "a", "b", "c"])
+    assert "\n" not in str(caught.value)
+    # A class absent from the training split has no frequency: refused, naming it.
+    absent = [{**row, "px_b": 0} if row["split"] == "train" else row for row in HAND_MADE]
+    with pytest.raises(SegflowError, match=r"median_frequency: b has no pixels in the training split") as caught:
+        train._class_weights(cfg, _hand_made_train_rows(tmp_path, absent), ["bg", "a", "b"])
+    assert "\n" not in str(caught.value)
+    with pytest.raises(SegflowError, match=r"no pixel counts per class \(px_c\).*rerun dvc repro ingest"):
+        train._class_weights(cfg, rows, ["bg", "a", "c"])
+
+
+def test_class_weights_weight_the_cross_entropy_and_focal_terms_only():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 8, 8)
+    target = torch.randint(0, 3, (2, 8, 8))
+    target[0, :2] = IGNORE_INDEX
+    weights = [0.5, 1.0, 3.0]
+    weighted = losses.build_loss("dice_ce", weights)(logits, target)
+    dice = losses.build_loss("dice")(logits, target)
+    ce = torch.nn.functional.cross_entropy(logits, target, weight=torch.tensor(weights), ignore_index=IGNORE_INDEX)
+    assert float(weighted) == pytest.approx(float(dice + ce), rel=1e-6)
+    assert float(weighted) != pytest.approx(float(losses.build_loss("dice_ce")(logits, target)), rel=1e-3)
+    focal = losses.build_loss("focal", weights)(logits, target)
+    assert float(focal) != pytest.approx(float(losses.build_loss("focal")(logits, target)), rel=1e-3)
+    # Without weights the loss is the same module as before weights existed.
+    assert losses.build_loss("ce").losses[0].weight is None
+    with pytest.raises(SegflowError, match="no cross-entropy or focal term"):
+        losses.build_loss("lovasz", weights)
+
+
+@pytest.mark.parametrize(
+    ("train_section", "expected"),
+    [
+        ({"class_weights": "mean_frequency"}, "train.class_weights: must be null, median_frequency or a list"),
+        ({"class_weights": [1.0, -2.0, 1.0, 1.0]}, "train.class_weights: must be null, median_frequency or a list"),
+        ({"class_weights": []}, "train.class_weights: must be null"),
+        ({"class_weights": [1, True, 1, 1]}, "train.class_weights: must be null"),
+        ({"class_weights": "median_frequency", "loss": "dice"}, "train.loss dice has none; use ce, dice_ce"),
+        ({"max_minutes": 0}, "train.max_minutes: Input should be greater than 0"),
+        ({"max_minutes": "an hour"}, "train.max_minutes"),
+        ({"val_every": 0}, "train.val_every: Input should be greater than or equal to 1"),
+        ({"log_every_s": -1}, "train.log_every_s: Input should be greater than or equal to 0"),
+    ],
+)
+def test_bad_budget_progress_and_weight_values_are_one_line_errors(train_section, expected):
+    from segflow.params import ParamsError, parse_params
+
+    with pytest.raises(ParamsError) as caught:
+        parse_params({"train": train_section})
+    assert expected in str(caught.value) and "\n" not in str(caught.value)
+    assert str(caught.value).count(";") <= 1  # one problem named once, not once per type of a union
+
+
+def test_budget_and_weight_defaults_are_off():
+    """The defaults (params.yaml's too): every epoch validated, no time limit, no class weights."""
+    cfg = TrainParams()
+    assert (cfg.val_every, cfg.max_minutes, cfg.class_weights, cfg.log_every_s) == (1, None, None, 30.0)
+    assert TrainParams(class_weights="median_frequency", max_minutes=1.5, val_every=3).max_minutes == 1.5

@@ -28,9 +28,10 @@ from segflow.errors import SegflowError
 from segflow.layout import EVAL_PIPELINE, MODEL_DIR, load_transform, read_manifest, split_rows
 from segflow.ops.env import stage_env
 from segflow.params import TrainParams, load_params
-from segflow.semantic import checkpoints, losses, metrics, store, train
+from segflow.semantic import callbacks, checkpoints, losses, metrics, store, train
 from segflow.semantic import dataset as datasets
-from segflow.semantic.module import NonFiniteLoss, build_schedule
+from segflow.semantic.card import read_card
+from segflow.semantic.module import NonFiniteLoss, SegmentationModule, build_schedule
 from tests.conftest import TINY
 
 KILLABLE = {"train": {"epochs": 6}}
@@ -124,9 +125,9 @@ def test_a_nan_loss_stops_the_run_with_one_line_naming_epoch_step_and_causes(
     class Poisoned(torch.nn.Module):
         """The real loss for four steps, then NaN (as a diverging run would give)."""
 
-        def __init__(self, name):
+        def __init__(self, name, class_weights=None):
             super().__init__()
-            self.inner, self.calls = real(name), 0
+            self.inner, self.calls = real(name, class_weights), 0
 
         def forward(self, logits, targets):
             self.calls += 1
@@ -152,6 +153,7 @@ class _Scripted(L.LightningModule):
         super().__init__()
         self.weight = torch.nn.Parameter(torch.zeros(1))
         self.script, self.name = script, name
+        self.validated: list[int] = []  # the epochs (from 1) that ran a validation
 
     def training_step(self, batch, batch_idx):
         if self.name.startswith("train/"):
@@ -159,6 +161,7 @@ class _Scripted(L.LightningModule):
         return (self.weight - 1).pow(2).sum()
 
     def validation_step(self, batch, batch_idx):
+        self.validated.append(self.current_epoch + 1)
         if self.name.startswith("val/"):
             self.log(self.name, self.script[self.current_epoch], on_epoch=True, batch_size=1)
 
@@ -264,10 +267,16 @@ def test_a_checkpoint_of_other_params_data_or_code_is_not_resumed(tmp_path):
     def key(p=params) -> str:
         return checkpoints.run_key(p.train.model_dump(mode="json", exclude=set(checkpoints.SPEED_ONLY)), [data], [code])
 
+    def changed(**update) -> str:
+        return key(params.model_copy(update={"train": params.train.model_copy(update=update)}))
+
     base = key()
     assert key() == base
-    assert key(params.model_copy(update={"train": params.train.model_copy(update={"num_workers": 3})})) == base
-    assert key(params.model_copy(update={"train": params.train.model_copy(update={"lr": 0.002})})) != base
+    assert changed(num_workers=3) == base
+    assert changed(log_every_s=5) == base  # what the run says, not what it computes
+    assert changed(lr=0.002) != base
+    # Where training stops and which epoch is kept: a checkpoint of another budget is not resumed.
+    assert changed(max_minutes=30) != base and changed(val_every=2) != base
     data.write_text("id,split\na,train\nb,train\n")
     assert key() != base
     data.write_text("id,split\na,train\n")
@@ -282,3 +291,202 @@ def test_a_checkpoint_of_other_params_data_or_code_is_not_resumed(tmp_path):
     assert sorted(p.name for p in root.iterdir()) == ["train-new", "train-old", "train-older"] and mine.is_dir()
     checkpoints.finished(mine)
     assert not mine.exists()
+
+
+# --- progress within an epoch, val_every, max_minutes: on a scripted clock ------------------------
+
+
+class _Killed(Exception):
+    """Stands for the kill of a stage process (its checkpoints stay, nothing else happens)."""
+
+
+@pytest.fixture
+def slow(monkeypatch):
+    """The callbacks' clock on a script: each training step takes ``step_s`` and each validation batch
+    ``val_s`` more than it really does; the training step at global step ``kill_at`` raises :class:`_Killed`."""
+    plan = {"step_s": 0.0, "val_s": 0.0, "kill_at": None, "offset": 0.0}
+    monkeypatch.setattr(callbacks, "clock", lambda: time.perf_counter() + plan["offset"])
+    real_train, real_val = SegmentationModule.training_step, SegmentationModule.validation_step
+
+    def training_step(self, batch, batch_idx):
+        if self.trainer.global_step == plan["kill_at"]:
+            raise _Killed
+        plan["offset"] += plan["step_s"]
+        return real_train(self, batch, batch_idx)
+
+    def validation_step(self, batch, batch_idx):
+        plan["offset"] += plan["val_s"]
+        return real_val(self, batch, batch_idx)
+
+    monkeypatch.setattr(SegmentationModule, "training_step", training_step)
+    monkeypatch.setattr(SegmentationModule, "validation_step", validation_step)
+    return plan
+
+
+def _with(params, **train_update):
+    return params.model_copy(update={"train": params.train.model_copy(update=train_update)})
+
+
+def _steps(paths, batch_size: int) -> int:
+    """Training steps per epoch (the last partial batch dropped)."""
+    return len(split_rows(read_manifest(paths.ingest), "train")) // batch_size
+
+
+def _messages(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name.startswith("segflow")]
+
+
+def _seconds(text: str) -> int:
+    """``1h02m`` / ``3m10s`` / ``42s`` back to seconds."""
+    parts = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?", text).groups()
+    hours, minutes, seconds = (int(p or 0) for p in parts)
+    return hours * 3600 + minutes * 60 + seconds
+
+
+def _about(eta: str, scripted: float) -> bool:
+    """An ETA worked out from the scripted seconds, plus the real ones the steps took (well under a tenth)."""
+    return scripted - 1 <= _seconds(eta) <= scripted * 1.3 + 3
+
+
+def test_progress_lines_come_within_a_slow_epoch_and_move_the_flows_progress(prepared, slow, caplog, monkeypatch):
+    params, paths = prepared
+    slow.update(step_s=20.0, val_s=40.0)  # log_every_s 30: a line every second step, every validation batch
+    with caplog.at_level("INFO", logger="segflow"):
+        train.run(_with(params, epochs=2, batch_size=4, log_every_s=30), paths)
+    lines = _messages(caplog)
+    steps = _steps(paths, 4)
+    assert steps >= 4
+    step_line = r"epoch (\d)/2, step (\d+)/(\d+): ([\d.]+) img/s, loss ([\d.]+), epoch ETA (\S+), run ETA (\S+)$"
+    rows = [m.groups() for m in map(re.compile(step_line).match, lines) if m]
+    # The first step's start-up line counts as a line; then one each 30 s: 2 steps of 20 s.
+    assert [int(r[1]) for r in rows if r[0] == "1"] == list(range(3, steps + 1, 2))
+    assert [int(r[1]) for r in rows if r[0] == "2"] == list(range(2, steps + 1, 2))
+    assert all(int(r[2]) == steps and float(r[3]) > 0 and float(r[4]) > 0 for r in rows)
+    validation_line = re.compile(r"epoch (\d)/2, validation (\d+)/(\d+): [\d.]+ img/s, ETA (\S+)$")
+    validations = [m.groups() for m in map(validation_line.match, lines) if m]
+    batches = int(validations[0][2])
+    assert [int(v[1]) for v in validations if v[0] == "1"] == list(range(1, batches + 1))  # 40 s a batch
+    assert _about(validations[0][3], 40 * (batches - 1))
+    # ETAs: this epoch's seconds per step for the steps left; the epoch-1 validation's time once measured.
+    first, second = rows[0], next(r for r in rows if r[0] == "2")
+    assert _about(first[5], 20 * (steps - 3)), first
+    assert _about(first[6], 20 * (steps - 3) + 20 * steps), first  # validation not timed yet
+    assert first[6] != second[6] and second[5] == second[6], second  # the last epoch: the run's ETA is the epoch's
+    assert _about(second[5], 20 * (steps - 2) + 40 * batches), second
+    # The per-epoch lines are as they were.
+    epoch_lines = [line for line in lines if re.match(r"epoch \d/2: train loss [\d.]+, val loss [\d.]+, val IoU", line)]
+    assert len(epoch_lines) == 2
+
+    # The flow's progress artifact follows them (percent of the run), at most one write per PROGRESS_EVERY_S.
+    from segflow.ops import runner
+
+    writes = []
+    monkeypatch.setattr(runner, "create_progress_artifact", lambda percent, **_: writes.append(percent) or "id")
+    monkeypatch.setattr(runner, "update_progress_artifact", lambda artifact, percent, **_: writes.append(percent))
+    now = [0.0]
+    progress = runner._Progress("train", clock=lambda: now[0])
+    for line in lines:
+        now[0] += runner.PROGRESS_EVERY_S
+        progress.see(f"[train] INFO {line}")
+    assert len(writes) == len(rows) + len(validations) + 2
+    assert writes[0] == pytest.approx(100 * 3 / steps / 2) and writes == sorted(writes) and writes[-1] == 100.0
+    writes.clear()
+    burst = runner._Progress("train", clock=lambda: 0.0)  # lines faster than PROGRESS_EVERY_S: the first only
+    for line in lines:
+        burst.see(f"[train] INFO {line}")
+    assert len(writes) == 1 + 2
+
+
+@pytest.mark.parametrize(
+    ("script", "patience", "validated", "best"),
+    [
+        # val_every 2 over 5 epochs: epochs 2, 4 and the last; epoch 3's 0.9 is never validated, so never kept.
+        ([0.1, 0.4, 0.9, 0.3, 0.2], 0, [2, 4, 5], 0.4),
+        # patience counts validations: 2 without a gain after epoch 2's (at 4 and 6) stop the run at 6.
+        ([0.1, 0.5, 0.2, 0.4, 0.9, 0.3, 0.35, 0.2], 2, [2, 4, 6], 0.5),
+    ],
+)
+def test_val_every_validates_every_nth_and_the_last_epoch_and_keeps_a_validated_one(
+    tmp_path, script, patience, validated, best
+):
+    cfg = TrainParams(val_every=2, patience=patience)
+    callbacks_, checkpoint = train._callbacks(cfg, tmp_path, validated=True)
+    module = _Scripted(script, "val/iou_macro")
+    data = [(torch.zeros(1, 1),)]
+    trainer = L.Trainer(
+        max_epochs=len(script),
+        check_val_every_n_epoch=cfg.val_every,
+        callbacks=callbacks_,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        accelerator="cpu",
+    )
+    trainer.fit(module, train_dataloaders=data, val_dataloaders=data)
+    assert module.validated == validated and trainer.current_epoch == validated[-1]
+    assert float(checkpoint.best_model_score) == pytest.approx(best)
+    kept = torch.load(checkpoint.best_model_path, weights_only=True)
+    assert int(kept["epoch"]) + 1 == validated[[script[e - 1] for e in validated].index(best)]
+    # Every epoch leaves a checkpoint to resume from, validated or not.
+    assert torch.load(tmp_path / checkpoints.LAST, weights_only=True)["epoch"] == validated[-1] - 1
+
+
+def test_val_every_and_median_frequency_weights_in_a_stage_run(prepared, caplog):
+    params, paths = prepared
+    with caplog.at_level("INFO", logger="segflow"):
+        summary = train.run(_with(params, epochs=3, batch_size=8, val_every=2, class_weights="median_frequency"), paths)
+    epoch_lines = [line for line in _messages(caplog) if re.match(r"epoch \d/3: ", line)]
+    assert ["val IoU" in line for line in epoch_lines] == [False, True, True]  # epoch 2, and the last
+    assert summary["best_epoch"] in (2, 3) and summary["val_every"] == 2
+    live = paths.train / "live" / "plots" / "metrics" / "val" / "iou_macro.tsv"
+    assert len(live.read_text().splitlines()) == 1 + 2
+    rows = split_rows(read_manifest(paths.ingest), "train")
+    expected = losses.median_frequency(rows[[f"px_{c}" for c in params.classes]].to_numpy(), params.classes)
+    card = read_card(paths.train / MODEL_DIR)
+    assert card.training["class_weights"]["method"] == "median_frequency"
+    assert list(card.training["class_weights"]["weights"].values()) == pytest.approx(expected, abs=1e-6)
+    assert "class weights (median frequency of the train split) for the loss's cross-entropy term" in caplog.text
+
+
+def test_max_minutes_stops_after_the_step_that_used_it_and_validates_those_weights(prepared, slow, caplog):
+    params, paths = prepared
+    slow.update(step_s=60.0)
+    steps = _steps(paths, 4)
+    assert steps >= 3
+    with caplog.at_level("INFO", logger="segflow"):
+        summary = train.run(_with(params, epochs=4, batch_size=4, val_every=2, max_minutes=2), paths)
+    # Two steps of a minute: stopped in epoch 1, which val_every 2 would not have validated.
+    assert summary["stopped_by"] == "max_minutes" and summary["epochs"] == 1
+    assert summary["stopped_at"] == {"epoch": 1, "step": 2, "steps": steps}
+    assert summary["train_minutes"] == pytest.approx(2, abs=0.05) and summary["max_minutes"] == 2
+    assert summary["best_epoch"] == 1  # the stop's validation, the only one
+    lines = _messages(caplog)
+    (stop,) = [line for line in lines if line.startswith("stopped by train.max_minutes")]
+    expected = rf"stopped by train.max_minutes \(2\): 2m0\ds of training used, at epoch 1/4, step 2/{steps}; validating"
+    assert re.match(expected, stop), stop
+    (epoch_line,) = [line for line in lines if re.match(r"epoch \d/4: ", line)]
+    assert "val IoU" in epoch_line and re.search(rf", stopped after step 2 of {steps}, [\d.]+ s$", epoch_line)
+    card = read_card(paths.train / MODEL_DIR)
+    assert card.training["stopped_by"] == "max_minutes" and card.training["stopped_at"]["step"] == 2
+
+
+def test_max_minutes_counts_the_training_time_of_a_killed_run_after_resuming(prepared, slow, tmp_path, caplog):
+    params, paths = prepared
+    steps = _steps(paths, 8)
+    params = _with(params, epochs=4, batch_size=8, val_every=2, max_minutes=steps + 1)
+    root = tmp_path / "checkpoints"
+    slow.update(step_s=60.0, kill_at=steps)  # killed at epoch 2's first step: epoch 1 (not validated) is saved
+    with pytest.raises(_Killed):
+        train.run(params, paths, checkpoint_root=root)
+    (folder,) = root.glob("train-*")
+    saved = torch.load(folder / checkpoints.LAST, weights_only=True)
+    assert saved["epoch"] == 0 and saved["callbacks"]["Budget"]["train_seconds"] == pytest.approx(60 * steps, abs=5)
+    slow["kill_at"] = None
+    with caplog.at_level("INFO", logger="segflow"):
+        summary = train.run(params, paths, checkpoint_root=root)
+    assert "resuming from epoch 2 of 4" in caplog.text
+    # `steps` minutes before the kill, one more after it.
+    assert summary["stopped_at"] == {"epoch": 2, "step": 1, "steps": steps}
+    assert summary["train_minutes"] == pytest.approx(steps + 1, abs=0.1)
+    assert not folder.exists(), "a finished run removes its checkpoints"

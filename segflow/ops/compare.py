@@ -222,7 +222,7 @@ def collect(root: Path, combos: list[Combination]) -> list[dict]:
             gmacs=speed.get("model.gmacs"),
             macs_size=speed.get("model.macs_size"),
             train_s=live.get("perf.fit_s"),
-            epochs=live.get("epoch", -1) + 1 if live.get("epoch") is not None else None,
+            epochs=live.get("epoch"),  # epochs trained (DVCLive's summary as the train stage writes it)
             infer_images_per_s=speed.get("inference.images_per_s"),
             infer_device=speed.get("inference.device"),
         )

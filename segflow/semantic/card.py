@@ -51,7 +51,9 @@ class ModelCard(BaseModel):
     #: sha256 of the weights file: loading refuses a file that was changed after training.
     weights_sha256: str | None = None
     preprocess: str = PREPROCESS
-    #: Provenance: seed, epochs, best epoch and its validation score, ...
+    #: Provenance: seed, epochs, best epoch and its validation score, ...; when set, ``val_every``, the
+    #: ``class_weights`` used ({"method", "weights": {class: weight}}), and what ended training early
+    #: (``stopped_by``: patience | max_minutes, with ``train_minutes`` and ``stopped_at`` {epoch, step, steps}).
     training: dict = {}
     #: Exports written beside the weights, e.g. {"onnx": {"file", "sha256", "opset", "max_abs_logit_diff"}}.
     exports: dict = {}

@@ -23,8 +23,9 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 LAST = "last.ckpt"
-#: Params that change how fast a run goes, not what it computes: not part of the key.
-SPEED_ONLY = ("num_workers", "cache_mb", "resume")
+#: Params that change how fast a run goes or what it says, not what it computes: not part of the key.
+#: (train.max_minutes and train.val_every are: they decide where training stops and which epoch is kept.)
+SPEED_ONLY = ("num_workers", "cache_mb", "resume", "log_every_s")
 KEEP_OTHERS = 2
 
 

@@ -36,6 +36,7 @@ class SegmentationModule(L.LightningModule):
         channels_last: keep weights and input batches in channels_last memory format.
         compile: run the forward pass through ``torch.compile`` (``self.model`` stays the plain
             module, which is what is saved).
+        class_weights: one per class, for the loss's cross-entropy or focal term (:func:`build_loss`).
     """
 
     def __init__(
@@ -46,6 +47,7 @@ class SegmentationModule(L.LightningModule):
         *,
         channels_last: bool = False,
         compile: bool = False,
+        class_weights: list[float] | None = None,
     ):
         super().__init__()
         self.model = model.to(memory_format=torch.channels_last) if channels_last else model
@@ -53,11 +55,13 @@ class SegmentationModule(L.LightningModule):
         self.compiled = compile
         # Not a registered submodule: the state dict keeps the plain model's names.
         self.__dict__["net"] = torch.compile(self.model) if compile else self.model
-        self.loss = build_loss(params.loss)
+        self.loss = build_loss(params.loss, class_weights)
         self.cfg = params
         self.classes = classes
         self._val_totals: torch.Tensor | None = None  # (4, C) tp/fp/fn/tn summed, on the device
         self._first_bad: torch.Tensor | None = None  # index of the first batch with a non-finite loss, or -1
+        self._loss_sum: torch.Tensor | None = None  # this epoch's training losses summed, on the device
+        self._loss_steps = 0
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images)
@@ -72,6 +76,9 @@ class SegmentationModule(L.LightningModule):
         images, masks, _ = batch
         loss = self.loss(self(images), masks)
         self._watch(loss, batch_idx)
+        running = loss.detach()
+        self._loss_sum = running.clone() if self._loss_sum is None else self._loss_sum + running
+        self._loss_steps += 1
         self.log(
             "train/loss",
             loss,
@@ -114,6 +121,13 @@ class SegmentationModule(L.LightningModule):
             + (", set train.grad_clip (e.g. 1.0)" if not cfg.grad_clip else "")
             + ", or check the images for NaN/inf values"
         )
+
+    def on_train_epoch_start(self) -> None:
+        self._loss_sum, self._loss_steps = None, 0
+
+    def running_loss(self) -> float | None:
+        """This epoch's mean training loss so far (this process's batches); waits for the device."""
+        return float(self._loss_sum) / self._loss_steps if self._loss_steps else None
 
     def on_train_epoch_end(self) -> None:
         self.check_finite()

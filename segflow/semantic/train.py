@@ -4,8 +4,8 @@ Reads the manifest (``${paths.ingest}``) and the saved pipelines
 (``${paths.augment}``). Writes ``${paths.train}/model/`` (weights as
 safetensors, ``model.json`` card, ``preprocess.json``) and DVCLive's metrics
 and plots under ``${paths.train}/live/``. The weights kept are those of the
-epoch with the best validation macro IoU (the last epoch when there is no
-validation split). Resumable per-epoch checkpoints are keyed to the params,
+validated epoch with the best validation macro IoU (the last epoch when there
+is no validation split). Resumable per-epoch checkpoints are keyed to the params,
 the input data and the library files this module imports.
 """
 
@@ -43,8 +43,8 @@ from segflow.layout import (
     split_rows,
 )
 from segflow.params import Params, Paths, TrainParams, available_cores
-from segflow.semantic import checkpoints, factory, measure, store
-from segflow.semantic.callbacks import EpochLog
+from segflow.semantic import checkpoints, factory, losses, measure, store
+from segflow.semantic.callbacks import Budget, EpochLog
 from segflow.semantic.card import ModelCard
 from segflow.semantic.dataset import SeededSampler, SegmentationDataset, same_shape_batches
 from segflow.semantic.hardware import (
@@ -132,10 +132,43 @@ def _run_key(params: Params, paths: Paths) -> str:
     return checkpoints.run_key(keyed, inputs, code_files("segflow.semantic.train"))
 
 
+def _class_weights(cfg: TrainParams, train_rows, classes: list[str]) -> list[float] | None:
+    """The loss's class weights ``train.class_weights`` stands for: None, the list, or median frequency
+    balancing from the training split's pixel counts (ingest's ``px_<class>`` manifest columns).
+
+    Raises:
+        SegflowError: a list of the wrong length; median_frequency with a class absent from the training
+            split, or with a manifest without pixel counts.
+    """
+    spec = cfg.class_weights
+    if spec is None:
+        return None
+    if spec != "median_frequency":
+        if len(spec) != len(classes):
+            raise SegflowError(
+                f"train.class_weights has {len(spec)} weights but there are {len(classes)} classes {classes}; "
+                "give one weight per class, in class order"
+            )
+        return list(spec)
+    columns = [f"px_{name}" for name in classes]
+    missing = [column for column in columns if column not in train_rows.columns]
+    if missing:
+        raise SegflowError(
+            f"{train_rows.attrs.get('path', MANIFEST)}: no pixel counts per class ({', '.join(missing)}) for "
+            "train.class_weights: median_frequency; rerun dvc repro ingest"
+        )
+    return losses.median_frequency(train_rows[columns].to_numpy(), classes)
+
+
 def _callbacks(
     cfg: TrainParams, folder: Path, validated: bool, started: float | None = None
 ) -> tuple[list[L.Callback], ModelCheckpoint]:
-    """Epoch log, checkpoints (the last epoch's, to resume; the best by ``monitor``) and early stopping.
+    """Budget (``val_every``, ``max_minutes``), epoch log, checkpoints (every epoch's, to resume; the best by
+    ``monitor``, among validated epochs) and early stopping (patience counted in validations).
+
+    Returns:
+        The callbacks, and the checkpoint callback holding the best weights (the last epoch's when nothing
+        is monitored).
 
     Raises:
         SegflowError: ``monitor`` is a validation metric, but there is no validation split to compute it.
@@ -147,17 +180,34 @@ def _callbacks(
             f"train.patience is {cfg.patience} but train.monitor {cfg.monitor} needs a validation split and there is "
             "none; set ingest.val_fraction above 0, train.monitor: train/loss, or train.patience: 0"
         )
-    checkpoint = ModelCheckpoint(
+    # What a killed run resumes from, written at the end of every epoch (after its validation, if any).
+    # Not ModelCheckpoint(save_last=True): since Lightning 2.6 that writes last.ckpt only at a step that
+    # also saved a top-k checkpoint, i.e. only after an improvement (never without a monitor).
+    last = ModelCheckpoint(
         dirpath=folder,
-        filename="best",
-        monitor=cfg.monitor if monitored else None,
-        mode=cfg.resolved_mode(),
-        save_top_k=1 if monitored else 0,
-        save_last=True,
+        filename=Path(checkpoints.LAST).stem,
+        monitor=None,
+        save_top_k=1,
+        save_last=False,
         enable_version_counter=False,
-        save_on_train_epoch_end=on_train or not validated,
+        save_on_train_epoch_end=True,
     )
-    callbacks: list[L.Callback] = [EpochLog(time.perf_counter() if started is None else started), checkpoint]
+    best = None
+    if monitored:
+        best = ModelCheckpoint(
+            dirpath=folder,
+            filename="best",
+            monitor=cfg.monitor,
+            mode=cfg.resolved_mode(),
+            save_top_k=1,
+            save_last=False,
+            enable_version_counter=False,
+            save_on_train_epoch_end=on_train,  # val/ metrics: at each validation (so among validated epochs)
+        )
+    budget = Budget(cfg.val_every, None if cfg.max_minutes is None else cfg.max_minutes * 60)
+    epoch_log = EpochLog(time.perf_counter() if started is None else started, cfg.log_every_s, budget)
+    # Lightning runs checkpoint callbacks last, in this order: `last` saves the state the others reached.
+    callbacks: list[L.Callback] = [budget, epoch_log, *([best] if best else []), last]
     if cfg.patience:
         callbacks.append(
             EarlyStopping(
@@ -169,7 +219,7 @@ def _callbacks(
                 verbose=False,
             )
         )
-    return callbacks, checkpoint
+    return callbacks, best or last
 
 
 def run(params: Params, paths: Paths, checkpoint_root: Path | None = None, started: float | None = None) -> dict:
@@ -193,6 +243,7 @@ def run(params: Params, paths: Paths, checkpoint_root: Path | None = None, start
     train_rows = split_rows(manifest, "train")
     val_rows = split_rows(manifest, "val", required=False)
     num_classes = len(params.classes)
+    class_weights = _class_weights(cfg, train_rows, params.classes)
     channels = image_channels(manifest)
     mean, std = params.augment.normalize.for_channels(channels)
     train_set = SegmentationDataset(
@@ -209,6 +260,7 @@ def run(params: Params, paths: Paths, checkpoint_root: Path | None = None, start
         params.classes,
         channels_last=cfg.use_channels_last(gpu),
         compile=cfg.compile,
+        class_weights=class_weights,
     )
     precision = resolve_precision(cfg.precision, cfg.accelerator)
     # Under DDP the validation scores are computed from counts already summed over processes and the perf
@@ -228,6 +280,7 @@ def run(params: Params, paths: Paths, checkpoint_root: Path | None = None, start
             live = _StageLive(dir=str(paths.train / LIVE_DIR), dvcyaml=None, save_dvc_exp=False, report=None)
         trainer = L.Trainer(
             max_epochs=cfg.epochs,
+            check_val_every_n_epoch=cfg.val_every,  # and the last epoch (callbacks.Budget)
             deterministic=cfg.deterministic,
             accelerator=cfg.accelerator,
             devices=cfg.devices,
@@ -261,6 +314,15 @@ def run(params: Params, paths: Paths, checkpoint_root: Path | None = None, start
                 ", torch.compile" if module.compiled else "",
                 f", {world} processes (DDP)" if world > 1 else "",
             )
+            if class_weights is not None:
+                log.info(
+                    "class weights (%s) for the loss's %s term: %s",
+                    "median frequency of the train split" if cfg.class_weights == "median_frequency" else "given",
+                    "focal" if cfg.loss.startswith("focal") else "cross-entropy",
+                    ", ".join(
+                        f"{name} {weight:.4g}" for name, weight in zip(params.classes, class_weights, strict=True)
+                    ),
+                )
         resume = checkpoints.resumable(folder) if persistent else None
         if resume and trainer.is_global_zero:
             log.info("resuming from epoch %d of %d (checkpoint %s)", resume[1] + 1, cfg.epochs, resume[0])
@@ -280,8 +342,22 @@ def run(params: Params, paths: Paths, checkpoint_root: Path | None = None, start
             "train_images": len(train_set),
             "val_images": len(val_set),
         }
-        if trainer.early_stopping_callback is not None and trainer.early_stopping_callback.stopped_epoch:
+        budget = next(c for c in callbacks if isinstance(c, Budget))
+        if cfg.val_every > 1:
+            summary["val_every"] = cfg.val_every
+        if class_weights is not None:
+            summary["class_weights"] = {
+                "method": "median_frequency" if cfg.class_weights == "median_frequency" else "given",
+                "weights": {name: round(w, 6) for name, w in zip(params.classes, class_weights, strict=True)},
+            }
+        if budget.stopped:
+            summary["stopped_by"] = "max_minutes"
+            summary["max_minutes"] = cfg.max_minutes
+            summary["train_minutes"] = round(budget.stopped["train_seconds"] / 60, 2)
+            summary["stopped_at"] = {k: budget.stopped[k] for k in ("epoch", "step", "steps")}
+        elif trainer.early_stopping_callback is not None and trainer.early_stopping_callback.stopped_epoch:
             summary["stopped_early"] = True
+            summary["stopped_by"] = "patience"
         if checkpoint.monitor and checkpoint.best_model_path:
             best = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)
             module.load_state_dict(best["state_dict"])
@@ -303,6 +379,9 @@ def run(params: Params, paths: Paths, checkpoint_root: Path | None = None, start
             # Wall time of this process's fit (a resumed run counts only the epochs it ran): for comparisons.
             live.summary.setdefault("perf", {})["fit_s"] = round(fit_seconds, 2)
             live.summary["model"] = {k: summary[k] for k in ("parameters", "gmacs")}
+            # Epochs trained, counted as the log counts them ("epoch 4/4" -> 4): Lightning's own "epoch" is
+            # the last epoch's 0-based index.
+            live.summary["epoch"] = trainer.current_epoch
             live.make_summary()
         # Only the augment keys dvc.yaml lists for this stage (the contract test checks).
         card = ModelCard(
