@@ -593,6 +593,12 @@ with warnings.catch_warnings():
                     f"background: {self.background!r} is not one of classes {self.classes}; name the class that "
                     "is not an object, or write background: null"
                 )
+            weights = self.train.class_weights
+            if isinstance(weights, list) and len(weights) != len(self.classes):
+                raise ValueError(
+                    f"train.class_weights has {len(weights)} weights for {len(self.classes)} classes "
+                    f"{self.classes}; give one per class, in class order"
+                )
             return self
 
         @model_validator(mode="after")

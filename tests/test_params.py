@@ -50,6 +50,7 @@ def test_project_params_file_is_valid_and_complete():
         ({"register": {"export": ["onnx"]}}, "register.export moved to export.formats"),
         ({"export": {"formats": ["tflite"]}}, "export.formats.0"),
         ({"background": "sky"}, "background: 'sky' is not one of classes"),
+        ({"train": {"class_weights": [1.0, 2.0]}}, "train.class_weights has 2 weights for 4 classes"),
     ],
 )
 def test_bad_params_are_rejected_by_name(data, expected):
