@@ -131,8 +131,6 @@ def fetch_export(root: Path, version: Version, name: str = "onnx") -> Path:
     Raises:
         SegflowError: the version was registered without that export, or DVC cannot provide the registered bytes.
     """
-    import dvc.api
-    from dvc.exceptions import DvcException
 
     entry = registered_card(root, version).get("exports", {}).get(name)
     if not entry or "folder" not in entry:
@@ -145,26 +143,17 @@ def fetch_export(root: Path, version: Version, name: str = "onnx") -> Path:
     for folder in (workspace, target):
         if _valid_export(folder, name, entry["sha256"]):
             return folder
-    target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{version.version}.tmp-{os.getpid()}-", dir=target.parent))
-    try:
-        dvc.api.DVCFileSystem(str(root), rev=version.commit).get(entry["folder"], str(scratch / "x"), recursive=True)
-        if not _valid_export(scratch / "x", name, entry["sha256"]):
-            raise SegflowError(
-                f"{version.label}: the {name} export DVC returned is not the one the card committed with the tag "
-                f"names (sha256 {entry['sha256']}); refusing to load it (remove it from .dvc/cache and dvc pull "
-                "from a remote you trust)"
-            )
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(scratch / "x", target)
-    except (DvcException, OSError) as error:
-        raise SegflowError(
-            f"{version.label}: its {name} export is in neither DVC's cache nor a DVC remote ({error}); "
-            "run dvc push where it was made, then dvc pull here"
-        ) from None
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return target
+
+    def refused(folder: Path) -> str | None:
+        if _valid_export(folder, name, entry["sha256"]):
+            return None
+        return (
+            f"{version.label}: the {name} export DVC returned is not the one the card committed with the tag "
+            f"names (sha256 {entry['sha256']}); refusing to load it (remove it from .dvc/cache and dvc pull "
+            "from a remote you trust)"
+        )
+
+    return _fetch_checked(root, version, entry["folder"], target, refused, f"its {name} export")
 
 
 def _local_export(root: Path, folder: Path, name: str) -> Path:
@@ -227,24 +216,43 @@ def fetch(root: Path, version: Version) -> Path:
                     version.label,
                     artifact["path"],
                 )
+
+    def refused(folder: Path) -> str | None:
+        got = _weights_sha(folder, card)
+        if expected is None or got == expected:
+            return None
+        return (
+            f"{version.label}: the weights DVC returned have sha256 {got} but the card committed with the tag "
+            f"names {expected}; refusing to load them: DVC's cache or remote holds other bytes for this "
+            "version (remove them from .dvc/cache and dvc pull from a remote you trust)"
+        )
+
+    return _fetch_checked(root, version, artifact["path"], target, refused, "its files")
+
+
+def _fetch_checked(root: Path, version: Version, path: str, target: Path, refused, what: str) -> Path:
+    """Fetch ``path`` at the version's commit through DVC (cache, then remote) into ``target``, via a scratch
+    folder beside it, keeping it only if ``refused(folder)`` has no objection (its one-line reason).
+
+    Raises:
+        SegflowError: DVC has the files neither in its cache nor on a remote, or ``refused`` objects.
+    """
+    import dvc.api
+    from dvc.exceptions import DvcException
+
     target.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{version.version}.tmp-{os.getpid()}-", dir=target.parent))
     try:
-        fs = dvc.api.DVCFileSystem(str(root), rev=version.commit)
-        fs.get(artifact["path"], str(scratch / "model"), recursive=True)
-        got = _weights_sha(scratch / "model", card)
-        if expected is not None and got != expected:
-            raise SegflowError(
-                f"{version.label}: the weights DVC returned have sha256 {got} but the card committed with the tag "
-                f"names {expected}; refusing to load them: DVC's cache or remote holds other bytes for this "
-                "version (remove them from .dvc/cache and dvc pull from a remote you trust)"
-            )
+        dvc.api.DVCFileSystem(str(root), rev=version.commit).get(path, str(scratch / "got"), recursive=True)
+        reason = refused(scratch / "got")
+        if reason:
+            raise SegflowError(reason)
         shutil.rmtree(target, ignore_errors=True)
-        os.replace(scratch / "model", target)
+        os.replace(scratch / "got", target)
     except (DvcException, OSError) as error:
         raise SegflowError(
-            f"{version.label}: its files are in neither DVC's cache nor a DVC remote ({error}); "
-            "run dvc push where it was trained, then dvc pull here"
+            f"{version.label}: {what}: in neither DVC's cache nor a DVC remote ({error}); "
+            "run dvc push where it was made, then dvc pull here"
         ) from None
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
