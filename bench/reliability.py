@@ -229,6 +229,14 @@ PROMISES = [
         ],
     ),
     (
+        "A changed DVC-tracked dataset is recorded in its .dvc file by `segflow run` (dvc status clean after the "
+        "run); DVC lock entries of killed stages are cleared once, quietly, by the next run",
+        [
+            "tests/test_pipeline_folder.py::test_adding_an_image_reruns_ingest_and_every_later_stage",
+            "tests/test_flow.py::test_stale_dvc_lock_entries_of_killed_stages_are_cleared_once_quietly",
+        ],
+    ),
+    (
         "A frozen test set (`segflow freeze-test`) stays exactly itself as the data grows; no earlier image moves",
         ["tests/test_ingest.py::test_a_frozen_test_set_stays_exactly_itself_as_the_data_grows"],
     ),
