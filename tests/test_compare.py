@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 
+import dvc.api
 import pandas as pd
 import pytest
 import yaml
@@ -66,7 +67,7 @@ def test_compare_queues_runs_and_tabulates_two_architectures(tmp_path):
     table = pd.read_csv(csv).set_index("experiment")
     base = load_params(project / "params.yaml")
     for name, run in runs.items():
-        scores = json.loads(_git_show(project, run["rev"], "data/evaluate/scores.json"))
+        scores = json.loads(dvc.api.read("data/evaluate/scores.json", repo=str(project), rev=run["rev"]))
         row = table.loc[name]
         assert row["iou_macro"] == pytest.approx(scores["iou"]["macro"])
         assert row["iou_triangle"] == pytest.approx(scores["iou"]["per_class"]["triangle"])
@@ -76,9 +77,3 @@ def test_compare_queues_runs_and_tabulates_two_architectures(tmp_path):
         assert row["gmacs"] > 0 and row["train_s"] > 0 and row["infer_images_per_s"] > 0
     text = md.read_text()
     assert "segflow compare --archs Unet,SegNet" in text and "| synthetic-SegNet-vgg16_bn-dice_ce |" in text
-
-
-def _git_show(project, rev: str, path: str) -> str:
-    return subprocess.run(
-        ["git", "show", f"{rev}:{path}"], cwd=project, capture_output=True, text=True, check=True
-    ).stdout

@@ -175,13 +175,16 @@ def _flatten(node: dict, prefix: str = "") -> dict:
 
 
 def _json_at(root: Path, rev: str | None, path: Path) -> dict:
-    """A JSON file as committed in ``rev`` (an experiment's commit), flattened; {} when it is not there."""
+    """A JSON output of an experiment's commit ``rev`` (through DVC: its cache holds it), flattened; {} when
+    it is not there."""
+    import dvc.api
+    from dvc.exceptions import DvcException
+
     if not rev:
         return {}
-    shown = subprocess.run(["git", "show", f"{rev}:{path.as_posix()}"], cwd=root, capture_output=True, text=True)
     try:
-        return _flatten(json.loads(shown.stdout)) if shown.returncode == 0 else {}
-    except ValueError:
+        return _flatten(json.loads(dvc.api.read(path.as_posix(), repo=str(root), rev=rev)))
+    except (DvcException, OSError, ValueError):
         return {}
 
 

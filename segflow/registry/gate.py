@@ -6,6 +6,7 @@ commit. :func:`decide` compares by ``register.metric``, ``direction`` and ``min_
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -38,8 +39,16 @@ def champion_of(root: Path, params: Params) -> tuple[Version | None, float | Non
     holder = next((v for v in versions(root, cfg.model) if cfg.stage in v.stages), None)
     if holder is None:
         return None, None
-    for name in (SCORES, METRICS):  # scores.json holds every metric; commits before it: metrics.json did
-        text = git(root, "show", f"{holder.commit}:{(params.paths.evaluate / name).as_posix()}", check=False)
+    import dvc.api
+    from dvc.exceptions import DvcException
+
+    # scores.json (DVC-cached) holds every metric; metrics.json (in git) the headline ones, and every metric
+    # in commits from before scores.json; the tag message the registered metric's value.
+    with contextlib.suppress(DvcException, OSError, ValueError, SegflowError):
+        text = dvc.api.read((params.paths.evaluate / SCORES).as_posix(), repo=str(root), rev=holder.commit)
+        return holder, metric_of(json.loads(text), cfg.metric)
+    text = git(root, "show", f"{holder.commit}:{(params.paths.evaluate / METRICS).as_posix()}", check=False)
+    with contextlib.suppress(ValueError, SegflowError):
         if text:
             return holder, metric_of(json.loads(text), cfg.metric)
     return holder, holder.info.get("metric_value")
