@@ -73,3 +73,8 @@ def read_card(model_dir: Path) -> ModelCard:
     except (json.JSONDecodeError, ValidationError) as error:
         detail = " ".join(str(error).split())
         raise SegflowError(f"{path}: not a {CARD_FORMAT} card ({detail})") from None
+
+
+def write_card(folder: Path, card: ModelCard) -> None:
+    """Write ``card`` as the folder's ``model.json``."""
+    (Path(folder) / CARD).write_text(card.model_dump_json(indent=2) + "\n", encoding="utf-8")

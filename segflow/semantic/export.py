@@ -15,13 +15,13 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
-
 from segflow.errors import SegflowError
 from segflow.io import atomic_dir, sha256_file
+from segflow.semantic.card import CARD, read_card, write_card
 
 if TYPE_CHECKING:
+    import torch
+
     from segflow.params import Params, Paths
     from segflow.semantic.card import ModelCard
 
@@ -41,6 +41,9 @@ def export(name: str, model: torch.nn.Module, card: ModelCard, folder: Path) -> 
     Raises:
         SegflowError: an unknown format, a missing runtime, or logits off by more than :data:`TOLERANCE`.
     """
+    import numpy as np
+    import torch
+
     if name != "onnx":
         raise SegflowError(f"export.formats: unknown format {name!r}; formats: onnx")
     try:
@@ -92,14 +95,22 @@ def write(model_dir: Path, out: Path, formats: list[str] | tuple[str, ...]) -> M
     Returns:
         The card written to ``out``: the model's own, with ``exports`` filled in.
     """
-    from segflow.semantic import store
+    if formats:
+        from segflow.semantic import store  # torch: seconds to import, only when there is something to export
 
-    model, card = store.load(model_dir)
+        model, card = store.load(model_dir)
+    else:  # nothing to export: the card and its weights' check are all there is (no torch)
+        model, card = None, read_card(model_dir)
+        if sha256_file(Path(model_dir) / card.weights) != card.weights_sha256:
+            raise SegflowError(
+                f"{Path(model_dir) / card.weights}: its sha256 does not match {Path(model_dir) / CARD}; "
+                f"dvc checkout {model_dir} puts back the pipeline's model"
+            )
     with atomic_dir(out) as tmp:
         exports = {name: export(name, model, card, tmp) for name in formats}
         card = card.model_copy(update={"exports": exports})
         shutil.copyfile(Path(model_dir) / card.preprocess, tmp / card.preprocess)
-        store.write_card(tmp, card)
+        write_card(tmp, card)
     return card
 
 

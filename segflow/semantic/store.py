@@ -16,14 +16,10 @@ from safetensors.torch import load_file, save_file
 
 from segflow.errors import SegflowError
 from segflow.io import atomic_dir, sha256_file
-from segflow.semantic.card import CARD, ModelCard, read_card
+from segflow.semantic.card import CARD, ModelCard, read_card, write_card
 from segflow.semantic.factory import create
 
 log = logging.getLogger(__name__)
-
-
-def write_card(folder: Path, card: ModelCard) -> None:
-    (Path(folder) / CARD).write_text(card.model_dump_json(indent=2) + "\n", encoding="utf-8")
 
 
 def save(model: torch.nn.Module, card: ModelCard, preprocess: Path, out: Path) -> ModelCard:
