@@ -67,6 +67,8 @@ def test_the_run_summary_compares_only_like_with_like():
     assert metric_change(scores(0.5), scores(0.6)) == "test IoU macro 0.6000 (+0.1000 against 0.5000 before this run)"
     other_classes = metric_change(scores(0.8765, ("bg", "a", "b", "c")), scores(0.1735, [f"c{i}" for i in range(12)]))
     assert "not compared: the classes changed" in other_classes and "-0.70" not in other_classes
+    headline_only = {"images": 10, "iou": {"macro": 0.5}}  # a metrics.json, when scores.json is not there
+    assert metric_change(headline_only, scores(0.6)) == "test IoU macro 0.6000 (+0.1000 against 0.5000 before this run)"
     grown = metric_change(scores(0.5), scores(0.6, split="s2", images=14))
     assert "not compared: the test split changed since the last run, 10 -> 14 images" in grown
 

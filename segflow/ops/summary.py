@@ -65,8 +65,8 @@ def metric_change(before: dict | None, after: dict | None) -> str:
     if not before:
         return f"test {_LABEL[group]} {key} {now:.4f} (first evaluation)"
     # Only like with like: the same classes, scored on the same test images.
-    classes = [list(m.get("iou", {}).get("per_class", {})) for m in (before, after)]
-    if classes[0] != classes[1]:
+    classes = [list(m.get("iou", {}).get("per_class") or []) for m in (before, after)]
+    if all(classes) and classes[0] != classes[1]:  # (a metrics.json of headline numbers names no classes)
         return f"test {_LABEL[group]} {key} {now:.4f} (not compared: the classes changed since the last run)"
     splits = [m.get("split_sha256") for m in (before, after)]
     if None not in splits and splits[0] != splits[1]:
