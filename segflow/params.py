@@ -115,11 +115,22 @@ Split = Literal["train", "val", "test"]
 
 
 class SplitDirs(_Section):
-    """``layout: split_folders``: the folder of each split (its masks sit in ``<folder><annot_suffix>``)."""
+    """``layout: split_folders``: the folder of each split (its masks sit in ``<folder><annot_suffix>``).
+
+    ``val`` may be null: no validation split (the last epoch is kept), e.g. to score a dataset's val folder
+    as the test split while its real test split stays held out.
+    """
 
     train: str = "train"
-    val: str = "val"
+    val: str | None = "val"
     test: str = "test"
+
+    @model_validator(mode="after")
+    def _distinct(self) -> SplitDirs:
+        named = [d for d in (self.train, self.val, self.test) if d is not None]
+        if len(set(named)) < len(named):
+            raise ValueError(f"ingest.split_dirs names one folder for two splits ({named}); give each its own")
+        return self
 
 
 class IngestParams(_Section):

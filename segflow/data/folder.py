@@ -226,6 +226,8 @@ def discover(source: Path, cfg: IngestParams, label: str, problems: Problems) ->
         walker = _Walker(root, label + _inner(source, root), problems)
         pairs = {}
         for split, name in dirs.items():
+            if name is None:  # split_dirs.val: null
+                continue
             images, masks = root / name, root / (name + cfg.annot_suffix)
             if not images.is_dir():
                 continue

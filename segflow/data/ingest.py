@@ -238,7 +238,7 @@ def _collect(items: list, job: _Job, params: Params, problems: Problems) -> list
 def _expected(cfg: IngestParams) -> str:
     if cfg.layout == "paired":
         return f"{cfg.images_dir}/ and {cfg.masks_dir}/"
-    return ", ".join(f"{d}/ + {d}{cfg.annot_suffix}/" for d in cfg.split_dirs.model_dump().values())
+    return ", ".join(f"{d}/ + {d}{cfg.annot_suffix}/" for d in cfg.split_dirs.model_dump().values() if d)
 
 
 def _deduplicate(rows: list[dict], out: Path, problems: Problems) -> list[dict]:
