@@ -112,8 +112,8 @@ def bare_loop(project: Path, device: str, channels_last: bool, window_steps: int
 
     from segflow.params import load_params
     from segflow.semantic import factory
-    from segflow.semantic.hardware import resolve_precision
     from segflow.semantic.losses import build_loss
+    from segflow.training.hardware import resolve_precision
 
     params = load_params(project / "params.yaml")
     cfg = params.train

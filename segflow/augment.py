@@ -17,7 +17,7 @@ import numpy as np
 
 from segflow import recipes, viz
 from segflow.errors import SegflowError
-from segflow.io import atomic_path, read_image, read_mask, write_png
+from segflow.io import atomic_path, read_image, read_instances, read_mask, write_png
 from segflow.layout import (
     AUGMENT_PREVIEW,
     EVAL_PIPELINE,
@@ -98,12 +98,17 @@ def denormalize(image: np.ndarray, params: AugmentParams) -> np.ndarray:
 
 
 def render_preview(
-    samples: list[tuple[np.ndarray, np.ndarray]], transform: A.Compose, params: AugmentParams, classes: list[str]
+    samples: list[tuple[np.ndarray, np.ndarray]],
+    transform: A.Compose,
+    params: AugmentParams,
+    classes: list[str],
+    instances: bool = False,
 ) -> np.ndarray:
     """Show each sample before and after augmentation, each with its mask.
 
     Args:
-        samples: (image (H, W, C) uint8, mask (H, W) uint8) pairs.
+        samples: (image (H, W, C) uint8, mask (H, W) uint8) pairs; with ``instances``, (H, W) uint16
+            instance ids (each object drawn in its own colour, outlined).
 
     Returns:
         (H', W', 3) uint8 picture.
@@ -112,17 +117,25 @@ def render_preview(
     crop = params.crop_size
     original = A.Compose([A.PadIfNeeded(crop, crop, border_mode=cv2.BORDER_CONSTANT), A.CenterCrop(crop, crop)])
     for image, mask in samples:
+        if instances:  # ids shifted past 255, the label the pipelines give invented pixels
+            mask = np.where(mask > 0, mask.astype(np.int32) + 256, 0).astype(np.uint16)
         before = original(image=image, mask=mask)
         after = transform(image=image, mask=mask)
+        if instances:
+            masks = [np.where(m >= 256, m.astype(np.int32) - 256, 0) for m in (before["mask"], after["mask"])]
+            shown = [viz.instance_colours(m) for m in masks]
+        else:
+            shown = [viz.colourize(m, len(classes)) for m in (before["mask"], after["mask"])]
         rows.append(
             [
                 viz.as_rgb(before["image"]),
-                viz.colourize(before["mask"], len(classes)),
+                shown[0],
                 viz.as_rgb(denormalize(after["image"], params)),
-                viz.colourize(after["mask"], len(classes)),
+                shown[1],
             ]
         )
-    return viz.grid(rows, classes, ["image", "mask", "augmented", "augmented mask"])
+    titles = ["image", "objects", "augmented", "augmented objects"] if instances else None
+    return viz.grid(rows, classes, titles or ["image", "mask", "augmented", "augmented mask"])
 
 
 def run(params: Params, paths: Paths) -> None:
@@ -138,9 +151,12 @@ def run(params: Params, paths: Paths) -> None:
 
     train_rows = split_rows(manifest, "train")
     chosen = train_rows.iloc[spread(len(train_rows), cfg.preview_samples)]  # across the split, not the first few
-    samples = [(read_image(paths.ingest / r.image), read_mask(paths.ingest / r.mask)) for r in chosen.itertuples()]
+    objects = params.task == "instance"
+    read = read_instances if objects else read_mask
+    samples = [(read_image(paths.ingest / r.image), read(paths.ingest / r.mask)) for r in chosen.itertuples()]
     # The preview draws from its own copy so it never depends on, or shifts, training's random stream.
-    preview = render_preview(samples, load_transform(paths.augment / TRAIN_PIPELINE, params.seed), cfg, params.classes)
+    pipeline = load_transform(paths.augment / TRAIN_PIPELINE, params.seed)
+    preview = render_preview(samples, pipeline, cfg, params.classes, instances=objects)
     with atomic_path(paths.augment / AUGMENT_PREVIEW) as tmp:
         write_png(tmp, preview)
     log.info("pipelines %s, %s and %s written to %s", TRAIN_PIPELINE, EVAL_PIPELINE, AUGMENT_PREVIEW, paths.augment)

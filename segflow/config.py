@@ -64,9 +64,39 @@ def apply(root: Path, config: Path) -> list[str]:
     return set_params(root, override, f"after applying {config}")
 
 
+def _drop_foreign(document: CommentedMap) -> list[str]:
+    """After a switch of ``task``: remove the keys the new task's sections do not have, or have with another
+    meaning (a value the new task refuses falls back to its default); returns them as ``-section.key``."""
+    from segflow.params import params_class
+
+    model = params_class(dict(document))
+    removed = []
+    for section, values in document.items():
+        field = model.model_fields.get(section)
+        keys = getattr(field.annotation, "model_fields", None) if field is not None else None
+        if not isinstance(values, dict) or keys is None:
+            continue
+        for key in [k for k in values if k not in keys or not _valid(field.annotation, k, values[k])]:
+            del values[key]  # a key of both families whose value means nothing here (monitor: val/iou_macro)
+            removed.append(f"-{section}.{key}")
+    return removed
+
+
+def _valid(section: type, key: str, value: object) -> bool:
+    """Whether ``key: value`` alone is a valid value of the params section ``section``."""
+    from pydantic import ValidationError
+
+    try:
+        section.model_validate({key: value})
+    except ValidationError as error:
+        return not any(item["loc"][:1] == (key,) for item in error.errors())
+    return True
+
+
 def set_params(root: Path, override: dict, why: str) -> list[str]:
     """Merge ``override`` into ``root``/params.yaml, keeping its comments and order; validated as a whole
-    before the file is replaced (atomically). Returns the dotted keys whose value changed.
+    before the file is replaced (atomically). Returns the dotted keys whose value changed; when ``task``
+    changes, the keys the other task family has and this one lacks are removed (listed as ``-section.key``).
 
     Raises:
         SegflowError: the merged params are invalid (params.yaml is then left as it was).
@@ -78,7 +108,10 @@ def set_params(root: Path, override: dict, why: str) -> list[str]:
     editor.representer.add_representer(type(None), _null)
     document = editor.load(params_file.read_text(encoding="utf-8"))
     changed: list[str] = []
+    task_before = document.get("task", "semantic")
     _merge(document, override, "", changed)
+    if document.get("task", "semantic") != task_before:
+        changed += _drop_foreign(document)
     buffer = io.StringIO()
     editor.dump(document, buffer)
     text = buffer.getvalue()

@@ -105,6 +105,25 @@ def write_png(path: Path, array: np.ndarray) -> None:
     Image.fromarray(array).save(path, format="PNG")
 
 
+def write_instances(path: Path, instances: np.ndarray) -> None:
+    """Write an (H, W) uint16 instance-id array (0 = background) as a 16-bit grayscale PNG."""
+    if instances.dtype != np.uint16 or instances.ndim != 2:
+        raise TypeError(f"write_instances wants (H, W) uint16, got {instances.shape} {instances.dtype}")
+    Image.fromarray(instances).save(path, format="PNG")
+
+
+def read_instances(path: Path) -> np.ndarray:
+    """Read an instance-id PNG ingest wrote: (H, W) uint16, 0 = background, k = the k-th object."""
+    try:
+        with Image.open(path) as img:
+            array = np.asarray(img)
+    except (OSError, ValueError) as error:
+        raise SegflowError(f"{path}: cannot read instance mask ({error}); rerun dvc repro ingest") from None
+    if array.ndim != 2:
+        raise SegflowError(f"{path}: not a one-channel instance mask; rerun dvc repro ingest")
+    return array.astype(np.uint16, copy=False)
+
+
 def read_image(path: Path) -> np.ndarray:
     """Read an image ingest wrote: grayscale stays one channel, anything else is RGB.
 

@@ -21,6 +21,10 @@ IMAGES = "images"
 MASKS = "masks"
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
+#: task: instance: one row per object (masks/<id>.png holds its instance id); box bounds are pixel
+#: indices, x1 and y1 exclusive.
+INSTANCES = "instances.csv"
+INSTANCE_COLUMNS = ("id", "instance", "class", "crowd", "area", "x0", "y0", "x1", "y1")
 # ${paths.augment}/
 TRAIN_PIPELINE = "train.json"
 EVAL_PIPELINE = "eval.json"
@@ -52,6 +56,20 @@ def read_manifest(ingest_dir: Path) -> pd.DataFrame:
     manifest = pd.read_csv(path, dtype={"id": str, "split": str, "group": str}, keep_default_na=False)
     manifest.attrs["path"] = str(path)  # for error messages about its contents
     return manifest
+
+
+def read_instance_table(ingest_dir: Path) -> pd.DataFrame:
+    """The objects ingest found (task: instance), one row each, by (id, instance).
+
+    Raises:
+        SegflowError: it is missing (ingest has not run with task: instance).
+    """
+    import pandas as pd
+
+    path = Path(ingest_dir) / INSTANCES
+    if not path.is_file():
+        raise SegflowError(f"{path}: not found; run the ingest stage with task: instance (dvc repro ingest)")
+    return pd.read_csv(path, dtype={"id": str, "class": str}, keep_default_na=False)
 
 
 def image_channels(manifest: pd.DataFrame) -> int:

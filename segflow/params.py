@@ -112,6 +112,8 @@ RawValue = Annotated[int, Field(ge=0, le=65535)]
 
 
 Split = Literal["train", "val", "test"]
+#: The ingest layouts of task: instance (the others are semantic).
+INSTANCE_LAYOUTS = ("coco", "instance_png", "per_object", "label_components")
 
 
 class SplitDirs(_Section):
@@ -143,7 +145,10 @@ class IngestParams(_Section):
     path: Path = Path("data/raw")
     #: paired: <path>/<images_dir> + <path>/<masks_dir>, split by a seeded hash;
     #: split_folders: <path>/train + <path>/trainannot, ... with the split kept as given.
-    layout: Literal["paired", "split_folders"] = "paired"
+    #: task: instance: coco (<images_dir>/ + the COCO JSON ``annotations``), instance_png (<masks_dir>/ holds
+    #: one value per object), per_object (<id>/images/<id>.png + <id>/masks/*.png, Data Science Bowl 2018),
+    #: label_components (each connected region of mask value ``component_value`` is one object).
+    layout: Literal["paired", "split_folders", "coco", "instance_png", "per_object", "label_components"] = "paired"
     images_dir: str = "images"
     masks_dir: str = "masks"
     #: Name endings stripped before pairing by stem, e.g. mask_suffix: _mask pairs a.png with a_mask.png.
@@ -183,6 +188,22 @@ class IngestParams(_Section):
     val_fraction: float = Field(0.15, ge=0.0, lt=1.0)
     test_fraction: float = Field(0.15, ge=0.0, lt=1.0)
     synthetic: SyntheticParams = SyntheticParams()
+    #: layout: coco. The COCO JSON file, relative to ``path`` (e.g. annotations/instances.json).
+    annotations: str | None = None
+    #: layout: instance_png. {object value (or Cityscapes label id): class name}; null with one class: all of it.
+    instance_classes: dict[RawValue, str] | None = None
+    #: layout: instance_png. Values are Cityscapes' ``label_id * 1000 + n`` (below 1000: no object).
+    cityscapes: bool = False
+    #: layout: label_components. The mask value whose connected regions (4-connectivity) are the objects.
+    component_value: RawValue | None = None
+    #: task: instance. Images without any annotated object: keep (as negatives) or refuse (a problem).
+    negatives: Literal["keep", "refuse"] = "keep"
+    #: task: instance. An annotated object with fewer visible pixels is a problem (label_components: dropped).
+    min_area: PositiveInt = 2
+
+    def instance_layout(self) -> bool:
+        """Whether the layout is one of task: instance's."""
+        return self.layout in INSTANCE_LAYOUTS
 
     @field_validator("group")
     @classmethod
@@ -302,6 +323,8 @@ class AugmentParams(_Section):
     pad_divisor: int = Field(32, ge=1)
     normalize: NormalizeParams = NormalizeParams()
     preview_samples: int = Field(6, ge=1, le=64)
+    #: task: instance. Objects a crop leaves with fewer visible pixels than this are dropped from that sample.
+    min_instance_area: PositiveInt = 8
 
     @model_validator(mode="before")
     @classmethod
@@ -343,22 +366,12 @@ class AugmentParams(_Section):
             raise ValueError(f"augment.{error}") from None
 
 
-class TrainParams(_Section):
-    #: Any smp architecture, or FCN (torchvision's heads; encoder resnet50/resnet101) or SegNet (encoder
-    #: vgg16_bn/vgg13_bn/vgg11_bn; max-unpooling with the encoder's indices).
-    arch: Arch = "Unet"
-    encoder: str = "resnet18"
-    encoder_depth: int = Field(5, ge=3, le=5)
-    #: Decoder widths, one per encoder stage (Unet-like archs only); null = smp's default.
-    decoder_channels: list[int] | None = None
-    #: null = random init; or a path to a local weights file (.safetensors / .pth)
-    #: holding encoder or whole-model weights. Hub names ("imagenet") need network.
+class SharedTrainParams(_Section):
+    """What training means in both task families (the optimiser, the schedule, budgets, the engine)."""
+
+    #: null = random init; or a path to a local weights file (.safetensors / .pth) holding encoder (backbone)
+    #: or whole-model weights (task: instance: torchvision's). Hub names ("imagenet") need network.
     encoder_weights: str | None = None
-    loss: Loss = "dice_ce"
-    #: Class weights for the loss's cross-entropy or focal term (dice and lovasz alone have none): null (none),
-    #: median_frequency (SegNet's median frequency balancing, from the training split's pixel counts), or one
-    #: positive weight per class, in class order.
-    class_weights: Literal["median_frequency"] | list[float] | None = None
     #: adamw | sgd (with ``momentum``, Nesterov).
     optimizer: Literal["adamw", "sgd"] = "adamw"
     #: Peak learning rate (the schedule's top).
@@ -379,9 +392,6 @@ class TrainParams(_Section):
     #: validated weights; null = no limit.
     max_minutes: float | None = Field(None, gt=0, allow_inf_nan=False)
     batch_size: int = Field(16, ge=1, le=4096)
-    #: The metric that picks the kept epoch and drives early stopping: val/iou_macro, val/dice_macro,
-    #: val/loss, or val/iou_<class>; ``mode`` auto = min for losses, max for scores.
-    monitor: str = Field("val/iou_macro", pattern=r"^(val/(iou_macro|dice_macro|loss|iou_\w+)|train/loss)$")
     mode: Literal["auto", "max", "min"] = "auto"
     #: Validate every N epochs, and always after the last; the kept epoch is a validated one.
     val_every: int = Field(1, ge=1, le=10_000)
@@ -399,9 +409,6 @@ class TrainParams(_Section):
     #: Decoded training and validation images are kept in memory when they fit in this many MiB
     #: (decoded once, not every epoch); 0 = decode on every access.
     cache_mb: NonNegativeInt = 2048
-    #: channels_last memory format for the model and its inputs (faster convolutions on tensor cores).
-    #: auto = on CUDA, not on the CPU.
-    channels_last: Literal["auto"] | bool = "auto"
     #: torch.compile the model (its compile time is logged); first steps are slower, later ones faster.
     compile: bool = False
     accelerator: Accelerator = "auto"
@@ -425,17 +432,6 @@ class TrainParams(_Section):
     def _weights(cls, value: str | None) -> str | None:
         return None if value in (None, "", "none", "null") else value
 
-    @field_validator("class_weights", mode="before")
-    @classmethod
-    def _class_weights(cls, value: Any) -> Any:
-        if value is None or value == "median_frequency":
-            return value
-        if isinstance(value, list | tuple) and value:
-            numbers = all(isinstance(w, int | float) and not isinstance(w, bool) for w in value)
-            if numbers and all(0 < w < float("inf") for w in value):
-                return [float(w) for w in value]
-        raise ValueError(f"must be null, median_frequency or a list of positive numbers, one per class (got {value!r})")
-
     def resolved_workers(self, on_gpu: bool, cores: int | None = None, world_size: int = 1) -> int:
         """The DataLoader worker count ``auto`` stands for (see ``num_workers``), per training process.
 
@@ -453,15 +449,49 @@ class TrainParams(_Section):
             return max(0, min(8, per_process - 1))
         return 0 if per_process < 8 else min(8, per_process // 4)
 
-    def use_channels_last(self, on_gpu: bool) -> bool:
-        """Whether ``channels_last`` (auto: on a GPU) applies."""
-        return on_gpu if self.channels_last == "auto" else self.channels_last
-
     def resolved_mode(self) -> str:
         """``max`` or ``min``: the direction in which ``monitor`` improves."""
         if self.mode != "auto":
             return self.mode
         return "min" if self.monitor.endswith("loss") else "max"
+
+
+class TrainParams(SharedTrainParams):
+    """task: semantic. A segmentation-models-pytorch (or FCN / SegNet) model and its loss."""
+
+    #: Any smp architecture, or FCN (torchvision's heads; encoder resnet50/resnet101) or SegNet (encoder
+    #: vgg16_bn/vgg13_bn/vgg11_bn; max-unpooling with the encoder's indices).
+    arch: Arch = "Unet"
+    encoder: str = "resnet18"
+    encoder_depth: int = Field(5, ge=3, le=5)
+    #: Decoder widths, one per encoder stage (Unet-like archs only); null = smp's default.
+    decoder_channels: list[int] | None = None
+    loss: Loss = "dice_ce"
+    #: Class weights for the loss's cross-entropy or focal term (dice and lovasz alone have none): null (none),
+    #: median_frequency (SegNet's median frequency balancing, from the training split's pixel counts), or one
+    #: positive weight per class, in class order.
+    class_weights: Literal["median_frequency"] | list[float] | None = None
+    #: The metric that picks the kept epoch and drives early stopping: val/iou_macro, val/dice_macro,
+    #: val/loss, or val/iou_<class>; ``mode`` auto = min for losses, max for scores.
+    monitor: str = Field("val/iou_macro", pattern=r"^(val/(iou_macro|dice_macro|loss|iou_\w+)|train/loss)$")
+    #: channels_last memory format for the model and its inputs (faster convolutions on tensor cores).
+    #: auto = on CUDA, not on the CPU.
+    channels_last: Literal["auto"] | bool = "auto"
+
+    @field_validator("class_weights", mode="before")
+    @classmethod
+    def _class_weights(cls, value: Any) -> Any:
+        if value is None or value == "median_frequency":
+            return value
+        if isinstance(value, list | tuple) and value:
+            numbers = all(isinstance(w, int | float) and not isinstance(w, bool) for w in value)
+            if numbers and all(0 < w < float("inf") for w in value):
+                return [float(w) for w in value]
+        raise ValueError(f"must be null, median_frequency or a list of positive numbers, one per class (got {value!r})")
+
+    def use_channels_last(self, on_gpu: bool) -> bool:
+        """Whether ``channels_last`` (auto: on a GPU) applies."""
+        return on_gpu if self.channels_last == "auto" else self.channels_last
 
     @model_validator(mode="after")
     def _decoder_depth(self) -> TrainParams:
@@ -478,6 +508,46 @@ class TrainParams(_Section):
             raise ValueError(
                 f"train.class_weights weights the cross-entropy or focal term of the loss, and train.loss {self.loss} "
                 "has none; use ce, dice_ce, focal or focal_dice, or set class_weights: null"
+            )
+        return self
+
+
+#: task: instance. Backbones of torchvision's Mask R-CNN (an FPN on each): resnet50 is
+#: ``maskrcnn_resnet50_fpn_v2``; the others are lighter (CPU runs).
+MaskBackbone = Literal["resnet18", "resnet34", "resnet50", "mobilenet_v3_large"]
+
+
+class InstanceTrainParams(SharedTrainParams):
+    """task: instance. torchvision's Mask R-CNN; its losses are summed as torchvision returns them."""
+
+    arch: Literal["MaskRCNN"] = "MaskRCNN"
+    encoder: MaskBackbone = "resnet18"
+    #: The model's own resize (GeneralizedRCNNTransform): images are scaled so their short side is min_size,
+    #: long side at most max_size. null = the training crop, i.e. no rescaling (torchvision's 800 px default
+    #: would upsample a 128-px CPU image six times).
+    min_size: PositiveInt | None = None
+    max_size: PositiveInt | None = None
+    #: The metric that picks the kept epoch and drives early stopping: COCO mask AP on the validation split
+    #: (val/segm_map, val/segm_map_50) or train/loss. Mask R-CNN gives losses only in training mode, so
+    #: validation scores, it has no loss.
+    monitor: Literal["val/segm_map", "val/segm_map_50", "train/loss"] = "val/segm_map"
+    #: Anchors per image the region proposal network keeps after NMS while training / at inference.
+    rpn_post_nms_top_n: PositiveInt = 1000
+    #: Channels of the FPN and the mask head (the box head's width is 4x this); torchvision's is 256.
+    #: Most of a CPU step is the heads: 64 makes small-image runs several times faster. resnet50 (v2) keeps 256.
+    width: int = Field(256, ge=16, le=1024)
+    #: Region proposals sampled per image to train the box and mask heads (torchvision's 512).
+    rois_per_image: int = Field(512, ge=16, le=4096)
+    #: Detections kept per image when validating (mask AP over the validation split; masks above 0.5).
+    #: Evaluate and predict keep ``predict.max_detections``.
+    val_detections: int = Field(100, ge=1, le=10_000)
+
+    @model_validator(mode="after")
+    def _v2_width(self) -> InstanceTrainParams:
+        if self.encoder == "resnet50" and self.width != 256:
+            raise ValueError(
+                "train.width: resnet50 is torchvision's maskrcnn_resnet50_fpn_v2, whose FPN and heads are 256 wide; "
+                "use width: 256 or a lighter encoder (resnet18, resnet34, mobilenet_v3_large)"
             )
         return self
 
@@ -508,6 +578,28 @@ class PredictParams(_Section):
                 f"predict.overlap ({self.overlap}) must be smaller than predict.tile_size ({self.tile_size})"
             )
         return self
+
+
+class InstanceEvaluateParams(EvaluateParams):
+    """task: instance. COCO mask and box AP; object counts; pixel IoU/Dice from the instance masks."""
+
+    #: Predictions scoring at least this count as objects (counts, the semantic IoU/Dice, the pictures);
+    #: AP ranks every kept prediction whatever its score.
+    count_threshold: float = Field(0.5, ge=0.0, le=1.0)
+
+
+class InstancePredictParams(PredictParams):
+    """task: instance. Inference, for evaluate and ``segflow predict`` alike."""
+
+    #: Detections scoring below this are dropped (COCO AP is computed over what is kept).
+    score_threshold: float = Field(0.05, ge=0.0, lt=1.0)
+    #: A detection's mask is its soft mask above this.
+    mask_threshold: float = Field(0.5, gt=0.0, lt=1.0)
+    #: Detections kept per image (and COCO's maxDets): raise it for crowded images (hundreds of cells).
+    max_detections: int = Field(100, ge=1, le=10_000)
+    #: Tiles overlapping by ``overlap``: an object found in two tiles is kept once when its masks
+    #: overlap by at least this IoU.
+    merge_iou: float = Field(0.5, gt=0.0, le=1.0)
 
 
 class RegisterParams(_Section):
@@ -572,6 +664,8 @@ with warnings.catch_warnings():
     class Params(_Section):
         """The whole params.yaml."""
 
+        #: semantic: one class per pixel (smp, FCN, SegNet); instance: the objects themselves (Mask R-CNN).
+        task: Literal["semantic", "instance"] = "semantic"
         seed: int = 42
         classes: list[str] = Field(default_factory=lambda: ["background", "disk", "box", "triangle"])
         #: The class that is not an object (left out of ``macro_foreground``), by name; null: none is.
@@ -615,6 +709,12 @@ with warnings.catch_warnings():
         @model_validator(mode="after")
         def _consistent(self) -> Params:
             ingest, num_classes = self.ingest, len(self.classes)
+            _keys_of_other_task(self)
+            if ingest.source == "folder" and ingest.instance_layout():
+                raise ValueError(
+                    f"ingest.layout: {ingest.layout} holds object instances; set task: instance to train Mask R-CNN "
+                    "on it, or use layout paired / split_folders for class masks"
+                )
             weights = ingest.synthetic.class_weights
             # The synthetic section only matters while it is the source (it stays in params.yaml for the demo).
             if ingest.source == "synthetic" and weights is not None and len(weights) != num_classes - 1:
@@ -657,13 +757,112 @@ with warnings.catch_warnings():
             return self
 
 
+#: Keys of one task family that mean nothing in the other: refused by name when set.
+_SEMANTIC_ONLY = {
+    "ingest": (
+        "split_dirs",
+        "annot_suffix",
+        "mask_values",
+        "palette",
+        "ignore_values",
+        "split_lists",
+    ),
+}
+_INSTANCE_ONLY = {
+    "ingest": ("annotations", "instance_classes", "cityscapes", "component_value", "negatives", "min_area"),
+    "augment": ("min_instance_area",),
+}
+
+
+def _keys_of_other_task(params: Params) -> None:
+    """Refuse keys of the other task family set to other than their defaults, naming the first."""
+    other = _INSTANCE_ONLY if params.task == "semantic" else _SEMANTIC_ONLY
+    for section, keys in other.items():
+        values = getattr(params, section)
+        for key in keys:
+            # params.yaml lists every key with its default: only a value that means something is refused.
+            if key in values.model_fields_set and getattr(values, key) != type(values).model_fields[key].default:
+                raise ValueError(
+                    f"{section}.{key} does not apply to task: {params.task} "
+                    f"(it is a task: {'instance' if params.task == 'semantic' else 'semantic'} key); remove it"
+                )
+
+
+class InstanceParams(Params):
+    """The whole params.yaml for ``task: instance``: Mask R-CNN's sections where the families differ."""
+
+    #: The object categories (COCO category names); background is implicit, not listed.
+    classes: list[str] = Field(default_factory=lambda: ["disk", "box", "triangle"])
+    train: InstanceTrainParams = InstanceTrainParams()
+    evaluate: InstanceEvaluateParams = InstanceEvaluateParams()
+    predict: InstancePredictParams = InstancePredictParams()
+
+    @field_validator("classes")
+    @classmethod
+    def _classes(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("task: instance needs at least one object category (background is implicit)")
+        if len(set(value)) != len(value):
+            raise ValueError(f"class names repeat: {value}")
+        if len(value) > 1000:
+            raise ValueError("at most 1000 object categories")
+        return value
+
+    @model_validator(mode="after")
+    def _background_named(self) -> InstanceParams:
+        if self.background is not None:
+            raise ValueError(
+                "background: task: instance has no background class (classes lists the objects; what is not an "
+                "object is background); write background: null"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _consistent(self) -> InstanceParams:
+        ingest = self.ingest
+        _keys_of_other_task(self)
+        if ingest.source == "folder" and not ingest.instance_layout():
+            raise ValueError(
+                f"ingest.layout: {ingest.layout} holds class masks, not objects; with task: instance use one of "
+                f"{', '.join(INSTANCE_LAYOUTS)} (docs/datasets.md, Instance segmentation)"
+            )
+        if ingest.source == "synthetic" and len(self.classes) > SYNTHETIC_OBJECT_CLASSES:
+            raise ValueError(
+                f"classes: the synthetic source draws at most {SYNTHETIC_OBJECT_CLASSES} object classes, "
+                f"got {len(self.classes)}"
+            )
+        weights = ingest.synthetic.class_weights
+        if ingest.source == "synthetic" and weights is not None and len(weights) != len(self.classes):
+            raise ValueError(
+                f"ingest.synthetic.class_weights has {len(weights)} entries; give one per object class "
+                f"({len(self.classes)}: {self.classes})"
+            )
+        if ingest.layout == "coco" and not ingest.annotations:
+            raise ValueError("ingest.annotations: layout coco needs the COCO JSON file, e.g. annotations.json")
+        if ingest.layout == "label_components" and ingest.component_value is None:
+            raise ValueError("ingest.component_value: layout label_components needs the mask value of the objects")
+        if self.export.formats:
+            raise ValueError(
+                "export.formats: segflow exports no Mask R-CNN to ONNX yet (torchvision's detection models export "
+                "only at one fixed input size, and their post-processing with it); write export: {formats: []}"
+            )
+        if self.predict.tile_size % 32:
+            raise ValueError(f"predict.tile_size is {self.predict.tile_size}, not a multiple of 32 (the FPN stride)")
+        return self
+
+
+def params_class(data: object) -> type[Params]:
+    """The params model of the task a parsed params.yaml names (``task``, default semantic)."""
+    return InstanceParams if isinstance(data, dict) and data.get("task") == "instance" else Params
+
+
 def _describe(error: ValidationError, source: Path) -> str:
     """One line per problem, each naming the key, e.g. ``train.lr: ...``."""
     lines = []
     for item in error.errors():
         key = ".".join(str(part) for part in item["loc"])
         if item["type"] == "extra_forbidden":
-            lines.append(f"{source}: unknown key '{key}' (misspelt? remove it or fix the name)")
+            lines.append(f"{source}: {_unknown_key(key, item['loc'])}")
             continue
         message = item["msg"].removeprefix("Value error, ")
         value = item.get("input")
@@ -675,14 +874,30 @@ def _describe(error: ValidationError, source: Path) -> str:
     return "; ".join(lines)
 
 
+def _unknown_key(key: str, loc: tuple) -> str:
+    """The message for a key no section has: another task family's key is named as such."""
+    if len(loc) == 2 and loc[0] in ("train", "evaluate", "predict"):
+        section, name = loc
+        semantic = Params.model_fields[section].annotation.model_fields
+        instance = InstanceParams.model_fields[section].annotation.model_fields
+        if name in semantic and name not in instance:
+            return (
+                f"{key} does not apply to task: instance (Mask R-CNN); remove it (`segflow params FILE` with "
+                "task: instance in FILE removes such keys for you)"
+            )
+        if name in instance and name not in semantic:
+            return f"{key} is a task: instance key; remove it, or set task: instance"
+    return f"unknown key '{key}' (misspelt? remove it or fix the name)"
+
+
 def parse_params(data: dict | None, source: Path | str = PARAMS_FILE) -> Params:
-    """Validate an already-parsed params mapping.
+    """Validate an already-parsed params mapping, with the sections of the task it names.
 
     Raises:
         ParamsError: one line naming every bad key.
     """
     try:
-        return Params.model_validate(data or {})
+        return params_class(data).model_validate(data or {})
     except ValidationError as error:
         raise ParamsError(_describe(error, Path(source))) from None
 

@@ -2,7 +2,7 @@
 
 Run by DVC as ``python -m tasks.evaluate`` from the project root (dvc.yaml). params.yaml is checked
 before the heavy imports, so a bad value fails in a fraction of a second; the work is
-:func:`segflow.semantic.evaluate.run`.
+:func:`segflow.evaluate.run` (the family ``task`` names).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from segflow.stage import preflight
 if __name__ == "__main__":
     preflight("evaluate")  # a bad params.yaml fails here, before the imports below (seconds for torch)
 
-from segflow.semantic.evaluate import run
+from segflow.evaluate import run
 from segflow.stage import stage_main
 
 

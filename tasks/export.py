@@ -2,7 +2,7 @@
 
 Run by DVC as ``python -m tasks.export`` from the project root (dvc.yaml), after train; its own stage, so
 switching a format on or off retrains nothing. params.yaml is checked before the heavy imports; the work
-is :func:`segflow.semantic.export.run`.
+is :func:`segflow.export.run` (the family ``task`` names).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from segflow.stage import preflight
 if __name__ == "__main__":
     preflight("export")  # a bad params.yaml fails here, before the imports below (seconds for torch)
 
-from segflow.semantic.export import run
+from segflow.export import run
 from segflow.stage import stage_main
 
 

@@ -1,8 +1,8 @@
 """Stage ``train``: fit the model with Lightning, log with DVCLive, save it with its card.
 
 Run by DVC as ``python -m tasks.train`` from the project root (dvc.yaml). params.yaml is checked
-before the heavy imports, so a bad value fails in a fraction of a second; the work is
-:func:`segflow.semantic.train.run`.
+before the heavy imports, so a bad value fails in a fraction of a second; the work is the task
+family's: :func:`segflow.train.run` (the family ``task`` names).
 """
 
 from __future__ import annotations
@@ -18,8 +18,11 @@ if __name__ == "__main__":
 
 import functools
 
-from segflow.semantic.train import CHECKPOINTS, run
-from segflow.stage import stage_main
+from segflow.stage import STATE_DIR, stage_main
+from segflow.train import run
+
+#: Where the stage keeps its resumable checkpoints, relative to the project root.
+CHECKPOINTS = STATE_DIR / "checkpoints"
 
 
 def main() -> None:

@@ -37,6 +37,17 @@ def run_module(stage: str) -> str:
     raise AssertionError(f"tasks/{stage}.py imports no run() from the library")
 
 
+def family_modules(stage: str) -> list[str]:
+    """The library modules that do a stage's work: its run() module and the task families' run() modules
+    that one hands over to (segflow/train.py: segflow.semantic.train or segflow.instance.train)."""
+    first = run_module(stage)
+    found = [first]
+    for node in ast.walk(_tree(first)):
+        if isinstance(node, ast.ImportFrom) and node.module and any(a.name == "run" for a in node.names):
+            found.append(node.module)
+    return found
+
+
 def params_read(module: str) -> set[str]:
     """The params keys a stage module reads, as dotted paths (`params.augment.normalize.mean`
     reads `augment.normalize.mean`; `cfg = params.train` reads all of `train`)."""
@@ -96,10 +107,15 @@ def test_stage_declares_the_params_it_reads(stage):
     declared = set(STAGES[stage].get("params", []))
     assert stage in declared
     # paths reach DVC through ${paths.x} in deps and outs.
-    read = {key for key in params_read(run_module(stage)) if not key.startswith("paths")}
+    read = {key for m in family_modules(stage) for key in params_read(m) if not key.startswith("paths")}
     assert read, f"tasks/{stage}.py reads no params?"
     uncovered = {key for key in read if not any(key == d or key.startswith(d + ".") for d in declared)}
     assert not uncovered, f"stage {stage} reads params {sorted(uncovered)} that dvc.yaml does not list"
+
+
+def test_each_family_does_the_work_of_the_model_stages():
+    for stage in ("train", "evaluate", "export"):
+        assert family_modules(stage) == [f"segflow.{stage}", f"segflow.instance.{stage}", f"segflow.semantic.{stage}"]
 
 
 def test_params_read_sees_whole_chains():

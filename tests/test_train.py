@@ -13,10 +13,11 @@ from segflow.data import ingest
 from segflow.errors import SegflowError
 from segflow.layout import EVAL_PIPELINE, LIVE_DIR, MODEL_DIR, TRAIN_PIPELINE, load_transform, read_manifest, split_rows
 from segflow.params import IGNORE_INDEX, TrainParams, available_cores
-from segflow.semantic import export, factory, hardware, losses, store, train
+from segflow.semantic import export, factory, losses, store, train
 from segflow.semantic.card import ModelCard, read_card
 from segflow.semantic.dataset import SegmentationDataset
 from segflow.semantic.module import SegmentationModule
+from segflow.training import hardware
 
 SMALL = TrainParams(encoder="resnet18", encoder_depth=3, decoder_channels=[16, 8, 4])
 

@@ -28,10 +28,13 @@ from segflow.errors import SegflowError
 from segflow.layout import EVAL_PIPELINE, MODEL_DIR, load_transform, read_manifest, split_rows
 from segflow.ops.env import stage_env
 from segflow.params import TrainParams, load_params
-from segflow.semantic import callbacks, checkpoints, losses, metrics, store, train
 from segflow.semantic import dataset as datasets
+from segflow.semantic import losses, metrics, store, train
 from segflow.semantic.card import read_card
-from segflow.semantic.module import NonFiniteLoss, SegmentationModule, build_schedule
+from segflow.semantic.module import SegmentationModule
+from segflow.training.module import NonFiniteLoss, build_schedule
+from segflow.training import callbacks, checkpoints
+from segflow.training import stage as training_stage
 from tests.conftest import TINY
 
 KILLABLE = {"train": {"epochs": 6}}
@@ -180,7 +183,7 @@ class _Scripted(L.LightningModule):
 )
 def test_early_stopping_stops_at_the_expected_epoch(tmp_path, monitor, script, patience, stops_after):
     cfg = TrainParams(monitor=monitor, patience=patience)
-    callbacks, checkpoint = train._callbacks(cfg, tmp_path, validated=True)
+    callbacks, checkpoint = training_stage.build_callbacks(cfg, tmp_path, validated=True)
     data = [(torch.zeros(1, 1),)]
     trainer = L.Trainer(
         max_epochs=len(script),
@@ -199,7 +202,7 @@ def test_early_stopping_stops_at_the_expected_epoch(tmp_path, monitor, script, p
 
 def test_patience_without_a_validation_split_is_a_clear_error(tmp_path):
     with pytest.raises(SegflowError, match="needs a validation split"):
-        train._callbacks(TrainParams(patience=3), tmp_path, validated=False)
+        training_stage.build_callbacks(TrainParams(patience=3), tmp_path, validated=False)
 
 
 @pytest.mark.parametrize("name", ["onecycle", "cosine", "poly", "constant"])
@@ -410,7 +413,7 @@ def test_val_every_validates_every_nth_and_the_last_epoch_and_keeps_a_validated_
     tmp_path, script, patience, validated, best
 ):
     cfg = TrainParams(val_every=2, patience=patience)
-    callbacks_, checkpoint = train._callbacks(cfg, tmp_path, validated=True)
+    callbacks_, checkpoint = training_stage.build_callbacks(cfg, tmp_path, validated=True)
     module = _Scripted(script, "val/iou_macro")
     data = [(torch.zeros(1, 1),)]
     trainer = L.Trainer(

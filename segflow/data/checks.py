@@ -30,6 +30,47 @@ RULES: dict[str, str] = {
     "duplicate": "has the same pixels as {other}{straddle}; remove one of the two",
     "listed_but_missing": "lists '{id}', but the dataset has no {what} for it; fix the list or add the files",
     "empty_dataset": "holds no image/mask pairs (looked for {expected}); check ingest.path and ingest.layout",
+    # Instance annotations (segflow/data/instances.py).
+    "polygon_outside": (
+        "annotation {annotation} has a polygon vertex at ({x:g}, {y:g}), outside the {width}x{height} image; "
+        "fix the polygon, or the image's width/height in the JSON"
+    ),
+    "unknown_category": (
+        "has {count} annotation(s) on {images} image(s) of category {category}, which is not in classes; "
+        "add it to classes or remove its annotations"
+    ),
+    "small_instance": (
+        "{what} has {pixels} visible pixel(s){hidden}, fewer than ingest.min_area ({min_area}): "
+        "an empty or one-pixel instance; remove it or redraw it"
+    ),
+    "same_annotation_id": (
+        "lists {count} {what} entries with {key} {id!r}; each {what} needs its own {key}: renumber or merge them"
+    ),
+    "same_instance": "holds the same object as {other} (identical masks); remove one of the two",
+    "image_without_annotations": (
+        "has no annotated object and ingest.negatives is refuse; annotate it, remove it, "
+        "or set ingest.negatives: keep to keep it as an image without objects"
+    ),
+    "not_in_annotations": (
+        "is not listed in the images of {annotations}; add an entry for it (with no annotations if it shows "
+        "no object) or remove the file"
+    ),
+    "annotated_size": (
+        "gives the image as {listed}, but {image} is {actual}; fix width/height in the JSON "
+        "or re-export the annotations for the image as it is"
+    ),
+    "bad_segmentation": "annotation {annotation}: {reason}; fix or remove the annotation",
+    "orphan_annotations": (
+        "has {count} annotation(s) for image id(s) {ids}, which its images do not list; "
+        "fix their image_id or remove them"
+    ),
+    "not_one_image": (
+        "holds {found}, but the per_object layout expects exactly one image in <id>/images/ "
+        "(and one mask per object in <id>/masks/); {fix}"
+    ),
+    "too_many_instances": (
+        "has {count:,} objects, more than an instance-id image holds (65,535); split the image into tiles"
+    ),
 }
 
 

@@ -36,21 +36,17 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from segflow.data import archive
-from segflow.data import folder
-from segflow.data import report
-from segflow.data import splits
-from segflow.data import synthetic
+from segflow.data import archive, folder, instances, report, splits, synthetic
 from segflow.data.checks import Problem, Problems
-from segflow.errors import SegflowError
-from segflow.io import atomic_dir, write_png
-from segflow.stage import stage_main
 from segflow.data.decode import MaskEncoding
-from segflow.layout import IMAGES, MANIFEST, MASKS, REPORT_JSON, REPORT_MD
-from segflow.params import IGNORE_INDEX, IngestParams, Paths
-from segflow.params import Params
+from segflow.errors import SegflowError
+from segflow.io import atomic_dir, write_instances, write_png
+from segflow.layout import IMAGES, INSTANCE_COLUMNS, INSTANCES, MANIFEST, MASKS, REPORT_JSON, REPORT_MD
+from segflow.params import IGNORE_INDEX, INSTANCE_LAYOUTS, IngestParams, Params, Paths
 
 log = logging.getLogger(__name__)
+#: Layouts whose split is the seeded hash of each id (the others bring their own).
+_HASHED = ("paired", *INSTANCE_LAYOUTS)
 
 # fork starts a worker in milliseconds with everything already imported; the stage runs no threads
 # that a fork could copy mid-lock. Elsewhere (macOS, Windows) spawn is the safe default.
@@ -75,6 +71,79 @@ class _Job:
     channels: str | int
     max_pixels: int
     scale_16bit: str
+    task: str = "semantic"
+
+
+def _channels(image: np.ndarray, stored: dict, channels: str | int) -> np.ndarray:
+    """The image with the channel count ``ingest.channels`` asks for (``stored["image"]`` dropped if changed)."""
+    if channels == 3 and image.shape[2] == 1:
+        image, stored["image"] = np.repeat(image, 3, axis=2), None
+    elif channels == 1 and image.shape[2] == 3:
+        image, stored["image"] = np.asarray(Image.fromarray(image).convert("L"))[..., None], None  # ITU-R 601 luma
+    return image
+
+
+def _row(item, image: np.ndarray, provenance: dict) -> dict:
+    """The manifest columns every sample has."""
+    return {
+        "id": item.id,
+        "split": item.split,
+        "height": image.shape[0],
+        "width": image.shape[1],
+        "channels": image.shape[2],
+        "image": f"{IMAGES}/{item.id}.png",
+        "mask": f"{MASKS}/{item.id}.png",
+        **provenance,
+        "sha256_pixels": hashlib.sha256(f"{image.shape}".encode() + image.tobytes()).hexdigest(),
+    }
+
+
+def _ingest_objects(item, job: _Job) -> dict | Problem:
+    """task: instance: read, check and write one image and its objects (runs in a worker process).
+
+    Returns:
+        Its manifest row (objects per category, and the objects themselves under ``_objects`` for
+        ``instances.csv``), or the problem that rules it out.
+    """
+    try:
+        image, instances, table, provenance = item.read(job.max_pixels, job.scale_16bit)
+    except Problem as problem:
+        return problem
+    image = _channels(image, {}, job.channels)
+    write_png(job.out / IMAGES / f"{item.id}.png", image)
+    write_instances(job.out / MASKS / f"{item.id}.png", instances)
+    objects = instance_table(instances, table)
+    row = _row(item, image, provenance)
+    for index, name in enumerate(job.classes):
+        row[f"n_{name}"] = sum(1 for o in objects if o["class"] == index and not o["crowd"])
+    row["n_crowd"] = sum(1 for o in objects if o["crowd"])
+    row["_objects"] = [{"id": item.id, **o, "class": job.classes[o["class"]]} for o in objects]
+    return row
+
+
+def instance_table(instances: np.ndarray, table: list[dict]) -> list[dict]:
+    """Each object's row with its pixel area and box (x0, y0, x1, y1: inclusive-exclusive pixel bounds).
+
+    Args:
+        instances: (H, W) uint16 instance ids.
+        table: ``[{"instance", "class", "crowd"}]`` as the source read them.
+    """
+    found = []
+    for entry in table:
+        ys, xs = np.nonzero(instances == entry["instance"])
+        found.append(
+            {
+                "instance": int(entry["instance"]),
+                "class": int(entry["class"]),
+                "crowd": bool(entry["crowd"]),
+                "area": len(ys),
+                "x0": int(xs.min()) if len(xs) else 0,
+                "y0": int(ys.min()) if len(ys) else 0,
+                "x1": int(xs.max()) + 1 if len(xs) else 0,
+                "y1": int(ys.max()) + 1 if len(ys) else 0,
+            }
+        )
+    return found
 
 
 def _ingest_one(item, job: _Job) -> dict | Problem:
@@ -83,6 +152,8 @@ def _ingest_one(item, job: _Job) -> dict | Problem:
     Returns:
         Its manifest row, or the problem that rules it out.
     """
+    if job.task == "instance":
+        return _ingest_objects(item, job)
     try:
         image, raw_mask, provenance, stored = item.read(
             job.max_pixels, job.scale_16bit, job.encoding.palette is not None
@@ -95,10 +166,7 @@ def _ingest_one(item, job: _Job) -> dict | Problem:
         mask = job.encoding.encode(raw_mask, item.mask_name)
     except Problem as problem:
         return problem
-    if job.channels == 3 and image.shape[2] == 1:
-        image, stored["image"] = np.repeat(image, 3, axis=2), None
-    elif job.channels == 1 and image.shape[2] == 3:
-        image, stored["image"] = np.asarray(Image.fromarray(image).convert("L"))[..., None], None  # ITU-R 601 luma
+    image = _channels(image, stored, job.channels)
     if stored.get("mask") is not None and not np.array_equal(mask, raw_mask):
         stored["mask"] = None
     # A source file that already is the PNG ingest would write is copied: encoding is most of the cost.
@@ -108,18 +176,7 @@ def _ingest_one(item, job: _Job) -> dict | Problem:
             target.write_bytes(stored[key])
         else:
             write_png(target, array)
-    return {
-        "id": item.id,
-        "split": item.split,
-        "height": image.shape[0],
-        "width": image.shape[1],
-        "channels": image.shape[2],
-        "image": f"{IMAGES}/{item.id}.png",
-        "mask": f"{MASKS}/{item.id}.png",
-        **provenance,
-        "sha256_pixels": hashlib.sha256(f"{image.shape}".encode() + image.tobytes()).hexdigest(),
-        **class_counts(mask, list(job.classes)),
-    }
+    return _row(item, image, provenance) | class_counts(mask, list(job.classes))
 
 
 def _run_all(items: list, job: _Job, workers: int) -> Iterator[dict | Problem]:
@@ -151,6 +208,18 @@ def _encoding(cfg: IngestParams, classes: list[str]) -> MaskEncoding:
 def _items(params: Params, scratch: Path, problems: Problems) -> list:
     """The source's work items (and, for archives, their unpacked files under ``scratch``)."""
     cfg = params.ingest
+    if cfg.source == "synthetic" and params.task == "instance":
+        synth = cfg.synthetic
+        return synthetic.instance_items(
+            params.seed,
+            synth.num_images,
+            len(params.classes),
+            synth.image_size,
+            synth.min_objects,
+            synth.max_objects,
+            synth.noise,
+            synth.class_weights,
+        )
     if cfg.source == "synthetic":
         synth = cfg.synthetic
         # segflow/params.py has already checked the class count and weights against the generator.
@@ -173,12 +242,36 @@ def _items(params: Params, scratch: Path, problems: Problems) -> list:
         scratch.mkdir()
         for problem in archive.extract(path, scratch, str(path)):
             problems.add(problem)
-        return folder.discover(scratch, cfg, f"{path}:", problems)
+        return _discover(scratch, params, f"{path}:", problems)
     if not path.is_dir():
         raise SegflowError(
             f"ingest.path: {path} is neither a folder nor an archive ({', '.join(archive.ARCHIVE_SUFFIXES)})"
         )
-    return folder.discover(path, cfg, f"{str(path).rstrip('/')}/", problems)
+    return _discover(path, params, f"{str(path).rstrip('/')}/", problems)
+
+
+def _discover(root: Path, params: Params, label: str, problems: Problems) -> list:
+    """The folder's work items in the layout params name (image/mask pairs, or images with their objects)."""
+    cfg = params.ingest
+    if params.task != "instance":
+        return folder.discover(root, cfg, label, problems)
+    return instances.discover(
+        root,
+        cfg.layout,
+        classes=list(params.classes),
+        label=label,
+        problems=problems,
+        images_dir=cfg.images_dir,
+        masks_dir=cfg.masks_dir,
+        annotations=cfg.annotations,
+        class_table=cfg.instance_classes,
+        cityscapes=cfg.cityscapes,
+        component_value=cfg.component_value,
+        negatives=cfg.negatives,
+        min_area=cfg.min_area,
+        image_suffix=cfg.image_suffix,
+        mask_suffix=cfg.mask_suffix,
+    )
 
 
 def _drop(out: Path, row: dict) -> None:
@@ -210,7 +303,7 @@ def _collect(items: list, job: _Job, params: Params, problems: Problems) -> list
             if cfg.source == "folder"
             else "ingest: no samples"
         )
-    if cfg.source == "synthetic" or (cfg.layout == "paired" and cfg.split_lists is None):
+    if cfg.source == "synthetic" or (cfg.layout in _HASHED and cfg.split_lists is None):
         keys = [r["group"] for r in rows]
         fixed = splits.fixed_groups(rows, cfg.split_ids or {})
         if cfg.test_ids:
@@ -272,7 +365,13 @@ def run(params: Params, paths: Paths) -> pd.DataFrame:
         (out / MASKS).mkdir()
         scratch = out / ".source"
         job = _Job(
-            out, tuple(params.classes), _encoding(cfg, params.classes), cfg.channels, cfg.max_pixels, cfg.scale_16bit
+            out,
+            tuple(params.classes),
+            _encoding(cfg, params.classes) if params.task == "semantic" else None,
+            cfg.channels,
+            cfg.max_pixels,
+            cfg.scale_16bit,
+            params.task,
         )
         rows = _collect(_items(params, scratch, problems), job, params, problems)
         shutil.rmtree(scratch, ignore_errors=True)
@@ -291,7 +390,13 @@ def run(params: Params, paths: Paths) -> pd.DataFrame:
             "sha256_mask",
             "sha256_pixels",
         ]
-        columns += [f"px_{name}" for name in params.classes] + ["px_ignored"]
+        if params.task == "instance":
+            columns += [f"n_{name}" for name in params.classes] + ["n_crowd"]
+            objects = [o for row in rows for o in row.pop("_objects")]
+            table = pd.DataFrame(objects, columns=list(INSTANCE_COLUMNS))
+            table.sort_values(["id", "instance"]).to_csv(out / INSTANCES, index=False)
+        else:
+            columns += [f"px_{name}" for name in params.classes] + ["px_ignored"]
         manifest = pd.DataFrame(rows).reindex(columns=columns).sort_values("id").reset_index(drop=True)
         _check_splits(manifest, cfg)
         manifest.to_csv(out / MANIFEST, index=False)
@@ -306,7 +411,7 @@ def run(params: Params, paths: Paths) -> pd.DataFrame:
 
 def _check_splits(manifest: pd.DataFrame, cfg: IngestParams) -> None:
     """A dataset that brings its own split must give training and test images (evaluate scores the test split)."""
-    if cfg.source != "folder" or (cfg.layout == "paired" and cfg.split_lists is None):
+    if cfg.source != "folder" or (cfg.layout in _HASHED and cfg.split_lists is None):
         return
     for split in ("train", "test"):
         if (manifest["split"] == split).any():

@@ -33,10 +33,21 @@ def build(manifest: pd.DataFrame, classes: list[str], problems: list[dict], sour
         problems: the report records of every problem (see :meth:`segflow.data.checks.Problem.as_record`).
     """
     pixel_columns = [f"px_{name}" for name in classes]
+    objects = f"n_{classes[0]}" in manifest  # task: instance: objects per category, not pixel shares
     splits = {}
     for split in _SPLITS:
         rows = manifest[manifest["split"] == split]
         if rows.empty:
+            continue
+        if objects:
+            counts = {name: int(rows[f"n_{name}"].sum()) for name in classes}
+            splits[split] = {
+                "images": len(rows),
+                "groups": int(rows["group"].nunique()),
+                "objects": counts,
+                "crowd": int(rows["n_crowd"].sum()),
+                "without_objects": int((rows[[f"n_{n}" for n in classes]].sum(axis=1) == 0).sum()),
+            }
             continue
         labelled = int(rows[pixel_columns].to_numpy().sum())
         ignored = int(rows["px_ignored"].sum())
@@ -77,15 +88,20 @@ def to_markdown(report: dict) -> str:
         + (f", layout {source['layout']}" if "layout" in source else "")
         + f"); {report['skipped']} problem(s).",
         "",
-        "| split | images | groups | " + " | ".join(classes) + " | ignored |",
-        "|---|---:|---:|" + "---:|" * len(classes) + "---:|",
     ]
-    for split, info in report["splits"].items():
-        shares = " | ".join(_percent(info["class_share"][name]) for name in classes)
-        lines.append(
-            f"| {split} | {info['images']} | {info['groups']} | {shares} | {_percent(info['ignored_share'])} |"
-        )
-    lines += ["", "Class columns: share of labelled pixels in the split.", ""]
+    if any("objects" in info for info in report["splits"].values()):
+        lines += _object_table(report)
+    else:
+        lines += [
+            "| split | images | groups | " + " | ".join(classes) + " | ignored |",
+            "|---|---:|---:|" + "---:|" * len(classes) + "---:|",
+        ]
+        for split, info in report["splits"].items():
+            shares = " | ".join(_percent(info["class_share"][name]) for name in classes)
+            lines.append(
+                f"| {split} | {info['images']} | {info['groups']} | {shares} | {_percent(info['ignored_share'])} |"
+            )
+        lines += ["", "Class columns: share of labelled pixels in the split.", ""]
     sizes = ", ".join(f"{size} ({n})" for size, n in list(report["sizes"].items())[:8])
     more = f" and {len(report['sizes']) - 8} more" if len(report["sizes"]) > 8 else ""
     channels = ", ".join(f"{n} with {c} channel{'s' if c != '1' else ''}" for c, n in report["channels"].items())
@@ -98,6 +114,20 @@ def to_markdown(report: dict) -> str:
     else:
         lines.append("No problems found.")
     return "\n".join(lines) + "\n"
+
+
+def _object_table(report: dict) -> list[str]:
+    """task: instance: objects per category and split, crowd regions, images without objects."""
+    classes = report["classes"]
+    lines = [
+        "| split | images | groups | " + " | ".join(classes) + " | crowd | images without objects |",
+        "|---|---:|---:|" + "---:|" * len(classes) + "---:|---:|",
+    ]
+    for split, info in report["splits"].items():
+        counts = " | ".join(str(info["objects"][name]) for name in classes)
+        tail = f"{info['crowd']} | {info['without_objects']}"
+        lines.append(f"| {split} | {info['images']} | {info['groups']} | {counts} | {tail} |")
+    return [*lines, "", "Category columns: objects (instances) in the split; crowd regions are ignored in scoring.", ""]
 
 
 def _percent(value: float | None) -> str:

@@ -88,7 +88,21 @@ def make_scene(
     max_objects: int,
     noise: float,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Render one scene.
+    """Render one scene: image (size, size, 3) uint8 and mask (size, size) uint8 of class ids (see :func:`render`)."""
+    image, mask, _, _ = render(rng, size, num_object_classes, class_weights, min_objects, max_objects, noise)
+    return image, mask
+
+
+def render(
+    rng: np.random.Generator,
+    size: int,
+    num_object_classes: int,
+    class_weights: np.ndarray,
+    min_objects: int,
+    max_objects: int,
+    noise: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]:
+    """Render one scene, its class mask and its objects.
 
     Args:
         rng: the scene's own generator.
@@ -99,13 +113,18 @@ def make_scene(
         noise: standard deviation of additive Gaussian noise, on a 0-1 scale.
 
     Returns:
-        image (size, size, 3) uint8 and mask (size, size) uint8 of class ids.
+        image (size, size, 3) uint8, mask (size, size) uint8 of class ids, instances (size, size) uint16
+        (0 = background, k = the k-th object drawn, as much of it as later objects leave visible: touching
+        and overlapping objects stay apart) and the class id (1-based) of each object, in drawing order.
+        An object drawn over completely keeps its number but has no pixel.
     """
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     base = rng.uniform(0.25, 0.6, size=3).astype(np.float32)
     shade = 0.35 * (_smooth_noise(rng, size, 4) - 0.5)
     image = np.clip(base[None, None, :] + shade[..., None], 0, 1)
     mask = np.zeros((size, size), dtype=np.uint8)
+    instances = np.zeros((size, size), dtype=np.uint16)
+    drawn: list[int] = []
 
     for _ in range(int(rng.integers(min_objects, max_objects + 1))):
         cls = int(rng.choice(num_object_classes, p=class_weights))
@@ -126,10 +145,12 @@ def make_scene(
         fill = colour[None, None, :] * (1 - contrast + contrast * pattern[..., None])
         image[region] = fill[region]
         mask[region] = cls + 1  # later objects occlude earlier ones, in the mask too
+        drawn.append(cls + 1)
+        instances[region] = len(drawn)
 
     image = image * rng.uniform(0.75, 1.15)  # global exposure
     image = image + rng.normal(0, noise, size=image.shape)
-    return (np.clip(image, 0, 1) * 255).round().astype(np.uint8), mask
+    return (np.clip(image, 0, 1) * 255).round().astype(np.uint8), mask, instances, drawn
 
 
 def _weights(num_classes: int, class_weights: list[float] | None) -> np.ndarray:
@@ -222,3 +243,61 @@ def generate(
     for item in items(seed, num_images, num_classes, size, min_objects, max_objects, noise, class_weights):
         image, mask, _, _ = item.read()
         yield item.id, image, mask
+
+
+def renumber(instances: np.ndarray, classes: list[int], min_area: int) -> tuple[np.ndarray, list[dict]]:
+    """Objects with at least ``min_area`` visible pixels, numbered 1..N in drawing order; the rest cleared.
+
+    Args:
+        instances: (H, W) uint16 of object numbers (k = ``classes[k - 1]``).
+        classes: the 0-based object category of each number.
+
+    Returns:
+        (H, W) uint16 instance ids and the table ``[{"instance", "class", "crowd"}]``.
+    """
+    areas = np.bincount(instances.ravel(), minlength=len(classes) + 1)
+    lookup = np.zeros(len(classes) + 1, dtype=np.uint16)
+    table = []
+    for number, cls in enumerate(classes, start=1):
+        if areas[number] >= min_area:
+            table.append({"instance": len(table) + 1, "class": int(cls), "crowd": False})
+            lookup[number] = len(table)
+    return lookup[instances], table
+
+
+@dataclass(frozen=True)
+class SyntheticInstanceItem(SyntheticItem):
+    """One demo scene with its objects (task: instance): the same pictures as the semantic demo."""
+
+    def read(self, *_) -> tuple[np.ndarray, np.ndarray, list[dict], dict]:
+        """Render the scene: image (H, W, 3) uint8, instances (H, W) uint16, their table, provenance."""
+        rng = np.random.default_rng([self.seed, self.index])
+        image, _, numbers, drawn = render(
+            rng,
+            self.size,
+            self.num_classes - 1,
+            np.asarray(self.class_weights),
+            self.min_objects,
+            self.max_objects,
+            self.noise,
+        )
+        instances, table = renumber(numbers, [cls - 1 for cls in drawn], min_area=2)
+        provenance = {"source_image": self.image_name, "source_mask": self.mask_name}
+        return image, instances, table, provenance | {"sha256_image": "", "sha256_mask": ""}
+
+
+def instance_items(
+    seed: int,
+    num_images: int,
+    num_categories: int,
+    size: int,
+    min_objects: int,
+    max_objects: int,
+    noise: float,
+    class_weights: list[float] | None = None,
+) -> list[SyntheticInstanceItem]:
+    """The demo's scenes as objects of ``num_categories`` categories (no background class among them)."""
+    return [
+        SyntheticInstanceItem(**vars(item))
+        for item in items(seed, num_images, num_categories + 1, size, min_objects, max_objects, noise, class_weights)
+    ]

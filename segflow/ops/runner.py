@@ -41,7 +41,7 @@ _NOISE = (
 _ERROR = re.compile(r"^(segflow \w+: error:|ERROR:|Traceback|\w+Error: )")
 _WARNING = re.compile(r"^(WARNING:|\[\w+\] WARNING |segflow \w+: stopped|.*\bWarning: )|restored the last good")
 _EPOCH = re.compile(r"epoch (\d+)/(\d+): ")
-#: The train stage's lines within an epoch, at most one per train.log_every_s (segflow/semantic/callbacks.py):
+#: The train stage's lines within an epoch, at most one per train.log_every_s (segflow/training/callbacks.py):
 #: ``epoch 3/20, step 120/400: ...`` and ``epoch 3/20, validation 5/40: ...``.
 _WITHIN = re.compile(r"epoch (\d+)/(\d+), (step|validation) (\d+)/(\d+): ")
 #: The train stage stopped by its time budget: no epochs follow.

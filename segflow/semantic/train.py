@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import sys
 import time
 import warnings
@@ -22,9 +21,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from dvclive import Live
 from dvclive.lightning import DVCLiveLogger
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader
 
@@ -43,11 +40,12 @@ from segflow.layout import (
     split_rows,
 )
 from segflow.params import Params, Paths, TrainParams, available_cores
-from segflow.semantic import checkpoints, factory, losses, measure, store
-from segflow.semantic.callbacks import Budget, EpochLog
+from segflow.semantic import factory, losses, measure, store
 from segflow.semantic.card import ModelCard
 from segflow.semantic.dataset import SeededSampler, SegmentationDataset, same_shape_batches
-from segflow.semantic.hardware import (
+from segflow.semantic.module import SegmentationModule
+from segflow.training import checkpoints
+from segflow.training.hardware import (
     _strategy,
     broadcast_buffers,
     check_accelerator,
@@ -55,27 +53,11 @@ from segflow.semantic.hardware import (
     resolve_precision,
     weights_digest,
 )
-from segflow.semantic.module import SegmentationModule
+from segflow.training.stage import StageLive, build_callbacks, stop_summary
 
 log = logging.getLogger(__name__)
 #: Where the stage keeps its resumable checkpoints, relative to the project root (see tasks/_checkpoints.py).
 CHECKPOINTS = stage.STATE_DIR / "checkpoints"
-
-
-class _StageLive(Live):
-    """DVCLive for a stage of a DVC pipeline, without DVCLive's own repository handling.
-
-    DVC runs this stage and versions what it writes (metrics and plots are
-    declared in dvc.yaml), so DVCLive has no need to find the repository. Its
-    own lookup (dvclive 3.49) crashes in a git repository without commits and
-    runs ``dvc init`` in a git repository without DVC.
-    """
-
-    def _init_dvc(self) -> None:
-        self._exp_name = self._exp_name or "segflow-train"
-        if os.getenv("DVC_ROOT"):  # set by `dvc repro` / `dvc exp run`
-            self._inside_dvc_pipeline = True
-            self._init_dvc_pipeline()
 
 
 def _loader(
@@ -160,68 +142,6 @@ def _class_weights(cfg: TrainParams, train_rows, classes: list[str]) -> list[flo
     return losses.median_frequency(train_rows[columns].to_numpy(), classes)
 
 
-def _callbacks(
-    cfg: TrainParams, folder: Path, validated: bool, started: float | None = None
-) -> tuple[list[L.Callback], ModelCheckpoint]:
-    """Budget (``val_every``, ``max_minutes``), epoch log, checkpoints (every epoch's, to resume; the best by
-    ``monitor``, among validated epochs) and early stopping (patience counted in validations).
-
-    Returns:
-        The callbacks, and the checkpoint callback holding the best weights (the last epoch's when nothing
-        is monitored).
-
-    Raises:
-        SegflowError: ``monitor`` is a validation metric, but there is no validation split to compute it.
-    """
-    on_train = cfg.monitor.startswith("train/")  # known at the end of the training epoch, after validation
-    monitored = validated or on_train
-    if cfg.patience and not monitored:
-        raise SegflowError(
-            f"train.patience is {cfg.patience} but train.monitor {cfg.monitor} needs a validation split and there is "
-            "none; set ingest.val_fraction above 0, train.monitor: train/loss, or train.patience: 0"
-        )
-    # What a killed run resumes from, written at the end of every epoch (after its validation, if any).
-    # Not ModelCheckpoint(save_last=True): since Lightning 2.6 that writes last.ckpt only at a step that
-    # also saved a top-k checkpoint, i.e. only after an improvement (never without a monitor).
-    last = ModelCheckpoint(
-        dirpath=folder,
-        filename=Path(checkpoints.LAST).stem,
-        monitor=None,
-        save_top_k=1,
-        save_last=False,
-        enable_version_counter=False,
-        save_on_train_epoch_end=True,
-    )
-    best = None
-    if monitored:
-        best = ModelCheckpoint(
-            dirpath=folder,
-            filename="best",
-            monitor=cfg.monitor,
-            mode=cfg.resolved_mode(),
-            save_top_k=1,
-            save_last=False,
-            enable_version_counter=False,
-            save_on_train_epoch_end=on_train,  # val/ metrics: at each validation (so among validated epochs)
-        )
-    budget = Budget(cfg.val_every, None if cfg.max_minutes is None else cfg.max_minutes * 60)
-    epoch_log = EpochLog(time.perf_counter() if started is None else started, cfg.log_every_s, budget)
-    # Lightning runs checkpoint callbacks last, in this order: `last` saves the state the others reached.
-    callbacks: list[L.Callback] = [budget, epoch_log, *([best] if best else []), last]
-    if cfg.patience:
-        callbacks.append(
-            EarlyStopping(
-                monitor=cfg.monitor,
-                mode=cfg.resolved_mode(),
-                patience=cfg.patience,
-                min_delta=cfg.min_delta,
-                check_on_train_epoch_end=on_train or not validated,
-                verbose=False,
-            )
-        )
-    return callbacks, best or last
-
-
 def run(params: Params, paths: Paths, checkpoint_root: Path | None = None, started: float | None = None) -> dict:
     """Train and save the model under ``paths.train``.
 
@@ -274,10 +194,10 @@ def run(params: Params, paths: Paths, checkpoint_root: Path | None = None, start
             folder = checkpoints.folder(checkpoint_root, key) if primary else checkpoint_root / f"train-{key}"
         else:
             folder = stack.enter_context(stage.scratch("train"))
-        callbacks, checkpoint = _callbacks(cfg, folder, bool(len(val_set)), started)
+        callbacks, checkpoint = build_callbacks(cfg, folder, bool(len(val_set)), started)
         live = None
         if rank_zero_only.rank == 0:  # other DDP processes write nothing
-            live = _StageLive(dir=str(paths.train / LIVE_DIR), dvcyaml=None, save_dvc_exp=False, report=None)
+            live = StageLive(dir=str(paths.train / LIVE_DIR), dvcyaml=None, save_dvc_exp=False, report=None)
         trainer = L.Trainer(
             max_epochs=cfg.epochs,
             check_val_every_n_epoch=cfg.val_every,  # and the last epoch (callbacks.Budget)
@@ -342,7 +262,6 @@ def run(params: Params, paths: Paths, checkpoint_root: Path | None = None, start
             "train_images": len(train_set),
             "val_images": len(val_set),
         }
-        budget = next(c for c in callbacks if isinstance(c, Budget))
         if cfg.val_every > 1:
             summary["val_every"] = cfg.val_every
         if class_weights is not None:
@@ -350,14 +269,7 @@ def run(params: Params, paths: Paths, checkpoint_root: Path | None = None, start
                 "method": "median_frequency" if cfg.class_weights == "median_frequency" else "given",
                 "weights": {name: round(w, 6) for name, w in zip(params.classes, class_weights, strict=True)},
             }
-        if budget.stopped:
-            summary["stopped_by"] = "max_minutes"
-            summary["max_minutes"] = cfg.max_minutes
-            summary["train_minutes"] = round(budget.stopped["train_seconds"] / 60, 2)
-            summary["stopped_at"] = {k: budget.stopped[k] for k in ("epoch", "step", "steps")}
-        elif trainer.early_stopping_callback is not None and trainer.early_stopping_callback.stopped_epoch:
-            summary["stopped_early"] = True
-            summary["stopped_by"] = "patience"
+        summary.update(stop_summary(cfg, trainer, callbacks))
         if checkpoint.monitor and checkpoint.best_model_path:
             best = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)
             module.load_state_dict(best["state_dict"])

@@ -1,0 +1,1 @@
+"""Instance segmentation (Mask R-CNN): the task family beside segflow.semantic."""

@@ -1,0 +1,1 @@
+"""The Lightning machinery both task families train with: budgets, progress, checkpoints, devices."""

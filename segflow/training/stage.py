@@ -1,0 +1,110 @@
+"""The parts of a training stage both task families share: DVCLive inside a DVC stage, the callbacks
+(budgets, progress lines, per-epoch and best checkpoints, early stopping) and how a run ended."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import lightning as L
+from dvclive import Live
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+from segflow.errors import SegflowError
+from segflow.params import SharedTrainParams
+from segflow.training import checkpoints
+from segflow.training.callbacks import Budget, EpochLog
+
+
+class StageLive(Live):
+    """DVCLive for a stage of a DVC pipeline, without DVCLive's own repository handling.
+
+    DVC runs this stage and versions what it writes (metrics and plots are
+    declared in dvc.yaml), so DVCLive has no need to find the repository. Its
+    own lookup (dvclive 3.49) crashes in a git repository without commits and
+    runs ``dvc init`` in a git repository without DVC.
+    """
+
+    def _init_dvc(self) -> None:
+        self._exp_name = self._exp_name or "segflow-train"
+        if os.getenv("DVC_ROOT"):  # set by `dvc repro` / `dvc exp run`
+            self._inside_dvc_pipeline = True
+            self._init_dvc_pipeline()
+
+
+def build_callbacks(
+    cfg: SharedTrainParams, folder: Path, validated: bool, started: float | None = None
+) -> tuple[list[L.Callback], ModelCheckpoint]:
+    """Budget (``val_every``, ``max_minutes``), epoch log, checkpoints (every epoch's, to resume; the best by
+    ``monitor``, among validated epochs) and early stopping (patience counted in validations).
+
+    Returns:
+        The callbacks, and the checkpoint callback holding the best weights (the last epoch's when nothing
+        is monitored).
+
+    Raises:
+        SegflowError: ``monitor`` is a validation metric, but there is no validation split to compute it.
+    """
+    on_train = cfg.monitor.startswith("train/")  # known at the end of the training epoch, after validation
+    monitored = validated or on_train
+    if cfg.patience and not monitored:
+        raise SegflowError(
+            f"train.patience is {cfg.patience} but train.monitor {cfg.monitor} needs a validation split and there is "
+            "none; set ingest.val_fraction above 0, train.monitor: train/loss, or train.patience: 0"
+        )
+    # What a killed run resumes from, written at the end of every epoch (after its validation, if any).
+    # Not ModelCheckpoint(save_last=True): since Lightning 2.6 that writes last.ckpt only at a step that
+    # also saved a top-k checkpoint, i.e. only after an improvement (never without a monitor).
+    last = ModelCheckpoint(
+        dirpath=folder,
+        filename=Path(checkpoints.LAST).stem,
+        monitor=None,
+        save_top_k=1,
+        save_last=False,
+        enable_version_counter=False,
+        save_on_train_epoch_end=True,
+    )
+    best = None
+    if monitored:
+        best = ModelCheckpoint(
+            dirpath=folder,
+            filename="best",
+            monitor=cfg.monitor,
+            mode=cfg.resolved_mode(),
+            save_top_k=1,
+            save_last=False,
+            enable_version_counter=False,
+            save_on_train_epoch_end=on_train,  # val/ metrics: at each validation (so among validated epochs)
+        )
+    budget = Budget(cfg.val_every, None if cfg.max_minutes is None else cfg.max_minutes * 60)
+    epoch_log = EpochLog(time.perf_counter() if started is None else started, cfg.log_every_s, budget)
+    # Lightning runs checkpoint callbacks last, in this order: `last` saves the state the others reached.
+    callbacks: list[L.Callback] = [budget, epoch_log, *([best] if best else []), last]
+    if cfg.patience:
+        callbacks.append(
+            EarlyStopping(
+                monitor=cfg.monitor,
+                mode=cfg.resolved_mode(),
+                patience=cfg.patience,
+                min_delta=cfg.min_delta,
+                check_on_train_epoch_end=on_train or not validated,
+                verbose=False,
+            )
+        )
+    return callbacks, best or last
+
+
+def stop_summary(cfg: SharedTrainParams, trainer: L.Trainer, callbacks: list[L.Callback]) -> dict:
+    """How training ended, for the card: stopped by ``max_minutes`` (when, after how long) or by patience."""
+    budget = next(c for c in callbacks if isinstance(c, Budget))
+    if budget.stopped:
+        return {
+            "stopped_by": "max_minutes",
+            "max_minutes": cfg.max_minutes,
+            "train_minutes": round(budget.stopped["train_seconds"] / 60, 2),
+            "stopped_at": {k: budget.stopped[k] for k in ("epoch", "step", "steps")},
+        }
+    if trainer.early_stopping_callback is not None and trainer.early_stopping_callback.stopped_epoch:
+        return {"stopped_early": True, "stopped_by": "patience"}
+    return {}

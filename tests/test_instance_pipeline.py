@@ -1,0 +1,132 @@
+"""task: instance end to end: a real ``dvc repro`` of the five stages on tiny synthetic scenes (Mask R-CNN on a
+narrow ResNet-18 FPN, one epoch), then what the stages wrote, checked against each other."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bench._util import fresh_project
+from segflow.config import set_params
+from segflow.ops.env import stage_env
+
+#: A tiny instance configuration: 24 scenes of 64 px, a 32-wide Mask R-CNN, one epoch on the CPU.
+INSTANCE_TINY = {
+    "task": "instance",
+    "seed": 3,
+    "classes": ["disk", "box", "triangle"],
+    "background": None,
+    "ingest": {
+        "workers": 1,
+        "val_fraction": 0.2,
+        "test_fraction": 0.25,
+        "synthetic": {"num_images": 24, "image_size": 64, "min_objects": 2, "max_objects": 4},
+    },
+    "augment": {"crop_size": 64, "preview_samples": 2, "min_instance_area": 6},
+    "train": {
+        "arch": "MaskRCNN",
+        "encoder": "resnet18",
+        "width": 32,
+        "rois_per_image": 64,
+        "epochs": 1,
+        "batch_size": 4,
+        "accelerator": "cpu",
+        "val_detections": 20,
+    },
+    "evaluate": {"preview_samples": 2},
+    "predict": {"max_detections": 20},
+    "register": {"metric": "segm.map"},
+}
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    project = fresh_project(tmp_path_factory.mktemp("instance") / "project")
+    changed = set_params(project, INSTANCE_TINY, "the instance test")
+    assert "-train.encoder_depth" in changed  # switching task removed the semantic-only keys
+    proc = subprocess.run(
+        [sys.executable, "-m", "dvc", "repro"], cwd=project, env=stage_env(), capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return project
+
+
+def test_ingest_stores_objects_as_instance_ids(project):
+    ingest = project / "data" / "ingest"
+    table = (ingest / "instances.csv").read_text().splitlines()
+    assert table[0] == "id,instance,class,crowd,area,x0,y0,x1,y1"
+    first = table[1].split(",")
+    with Image.open(ingest / "masks" / f"{first[0]}.png") as img:
+        assert img.mode == "I;16"
+        ids = np.asarray(img)
+    # The table's area and box are those of the pixels holding the object's id.
+    ys, xs = np.nonzero(ids == int(first[1]))
+    assert int(first[4]) == len(ys) and [int(v) for v in first[5:]] == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+    report = json.loads((ingest / "report.json").read_text())
+    assert set(report["splits"]["train"]["objects"]) == {"disk", "box", "triangle"}
+
+
+def test_metrics_are_coco_ap_counts_and_pixel_scores(project):
+    metrics = json.loads((project / "data" / "evaluate" / "metrics.json").read_text())
+    assert set(metrics) == {"images", "segm", "bbox", "iou", "dice", "count"}
+    assert set(metrics["segm"]) == {"map", "map_50", "map_75"}
+    for value in (metrics["segm"]["map"], metrics["bbox"]["map"], metrics["iou"]["macro"]):
+        assert 0.0 <= value <= 1.0
+    scores = json.loads((project / "data" / "evaluate" / "scores.json").read_text())
+    assert scores["images"] == metrics["images"] == len(scores["counts"]["per_image"])
+    assert len(scores["split_sha256"]) == 64
+    confusion = np.asarray(scores["confusion"]["counts"])
+    # Every true object is matched or missed exactly once: the rows (but none) sum to the true counts.
+    assert confusion[:3].sum() == scores["counts"]["true_total"]
+    shown = subprocess.run(
+        [sys.executable, "-m", "dvc", "metrics", "show"], cwd=project, env=stage_env(), capture_output=True, text=True
+    )
+    assert shown.returncode == 0 and "segm.map" in shown.stdout
+    assert max(len(line) for line in shown.stdout.splitlines()) < 200
+
+
+def test_model_card_and_export_say_instance(project):
+    card = json.loads((project / "data" / "train" / "model" / "model.json").read_text())
+    assert card["task"] == "instance" and card["arch"] == "MaskRCNN" and card["classes"] == ["disk", "box", "triangle"]
+    assert card["min_size"] == 64 and card["width"] == 32  # no rescaling to torchvision's 800 px
+    exported = json.loads((project / "data" / "export" / "model.json").read_text())
+    assert exported["weights_sha256"] == card["weights_sha256"]
+    live = json.loads((project / "data" / "train" / "live" / "metrics.json").read_text())
+    assert live["epoch"] == 1 and "loss_mask" in json.dumps(live)
+
+
+def test_what_is_scored_is_what_predict_gives(project, monkeypatch):
+    # The predictor segflow predict uses, run here over the test split and scored again, gives the
+    # stage's mask AP exactly.
+    from segflow.instance import metrics as scoring
+    from segflow.instance.dataset import objects_by_image
+    from segflow.instance.evaluate import truth_of
+    from segflow.instance.infer import Predictor
+    from segflow.io import read_image, read_instances
+    from segflow.layout import read_instance_table, read_manifest, split_rows
+
+    monkeypatch.chdir(project)
+    ingest = project / "data" / "ingest"
+    predictor = Predictor(project / "data" / "train" / "model", 20, 0.05, 0.5)
+    objects = objects_by_image(read_instance_table(ingest), predictor.classes)
+    truths, preds = [], []
+    for row in split_rows(read_manifest(ingest), "test").itertuples():
+        (found,) = predictor([read_image(ingest / row.image)])
+        preds.append(found.as_prediction(row.id))
+        truths.append(truth_of(row.id, read_instances(ingest / row.mask), objects.get(row.id, {})))
+    again = scoring.evaluate(truths, preds, predictor.classes, max_dets=20)
+    scores = json.loads((project / "data" / "evaluate" / "scores.json").read_text())
+    assert again["segm"]["map"] == pytest.approx(scores["segm"]["map"], abs=1e-12)
+    assert again["counts"]["pred_total"] == scores["counts"]["pred_total"]
+
+
+def test_a_semantic_key_is_refused_by_name_under_task_instance(project):
+    from segflow.errors import SegflowError
+
+    with pytest.raises(SegflowError, match=r"train\.encoder_depth does not apply to task: instance"):
+        set_params(project, {"train": {"encoder_depth": 4}}, "a semantic key")
