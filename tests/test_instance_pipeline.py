@@ -130,3 +130,21 @@ def test_a_semantic_key_is_refused_by_name_under_task_instance(project):
 
     with pytest.raises(SegflowError, match=r"train\.encoder_depth does not apply to task: instance"):
         set_params(project, {"train": {"encoder_depth": 4}}, "a semantic key")
+
+
+def test_an_instance_model_registers_and_the_gate_reads_mask_ap(project):
+    from tests.conftest import ROOT
+
+    segflow = ROOT / ".venv" / "bin" / "segflow"
+    proc = subprocess.run(
+        [str(segflow if segflow.exists() else "segflow"), "register", "--commit"],
+        cwd=project,
+        env=stage_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    tags = subprocess.run(["git", "tag"], cwd=project, capture_output=True, text=True).stdout.split()
+    assert "segflow-model@v0.0.1" in tags or any(t.startswith("segflow-model@v") for t in tags)
+    assert "segm.map" in proc.stdout + proc.stderr

@@ -140,6 +140,11 @@ def run(params: InstanceParams, paths: Paths) -> dict:
         truths, preds, classes, max_dets=inference.max_detections, count_threshold=cfg.count_threshold
     )
     scores |= {"split": "test", "split_sha256": split_digest(paths.ingest, rows), "images": len(rows)}
+    # The pixel scores under the names the semantic family (and the registry card) use.
+    semantic = scores["semantic"]
+    scores["iou"] = {"macro": semantic["iou_macro"], "per_class": semantic["iou"]}
+    scores["dice"] = {"macro": semantic["dice_macro"], "per_class": semantic["dice"]}
+    scores["reduction"] = semantic["reduction"]
     scores["confusion"] = {
         "labels": [*classes, "none"],
         "counts": matched_confusion(truths, preds, len(classes), cfg.count_threshold).tolist(),

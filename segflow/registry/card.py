@@ -36,7 +36,10 @@ def build(root: Path, params: Params, metrics: dict, info: dict, split: dict, ga
     return {
         "model": name,
         "version": version,
-        "architecture": {k: model[k] for k in ("arch", "encoder", "encoder_depth", "decoder_channels")},
+        "task": model.get("task", "semantic"),
+        "architecture": {
+            k: model[k] for k in ("arch", "encoder", "encoder_depth", "decoder_channels", "width") if k in model
+        },
         "classes": model["classes"],
         "input": {
             "channels": model["in_channels"],
@@ -54,6 +57,8 @@ def build(root: Path, params: Params, metrics: dict, info: dict, split: dict, ga
             "iou": metrics["iou"],
             "dice": metrics["dice"],
             "pixel_accuracy": metrics.get("pixel_accuracy"),
+            # task: instance: COCO mask/box AP and the object counts.
+            **{key: metrics[key] for key in ("segm", "bbox", "counts") if key in metrics},
         },
         # Which images the scores are on: the gate of a later version compares against this split.
         "test_split": split,
@@ -93,8 +98,13 @@ def markdown(card: dict) -> str:
     lines = [
         f"# {card['model']} {card['version']}",
         "",
-        f"{arch['arch']} with a {arch['encoder']} encoder (depth {arch['encoder_depth']}), "
-        f"{len(card['classes'])} classes: {', '.join(card['classes'])}.",
+        (
+            f"{arch['arch']} with a {arch['encoder']} encoder (depth {arch['encoder_depth']}), "
+            f"{len(card['classes'])} classes: {', '.join(card['classes'])}."
+            if "encoder_depth" in arch
+            else f"{arch['arch']} (instance segmentation) on a {arch['encoder']} FPN, "
+            f"{len(card['classes'])} object categories: {', '.join(card['classes'])}."
+        ),
         "",
         "## Input",
         "",
