@@ -226,6 +226,20 @@ def _predict(root: Path, args: argparse.Namespace) -> int:
     spec = args.model or f"{load_params(root / 'params.yaml').register.model}#prod"
     predictor = load_model(spec, root, args.backend, args.device)
     files = list(predict.inputs(args.inputs, out=args.out))
+    if getattr(predictor, "card", None) is not None and getattr(predictor.card, "task", "semantic") == "instance":
+        from segflow.instance import predict as instances
+        from segflow.params import InstanceParams, load_params
+
+        params = load_params(root / "params.yaml") if (root / "params.yaml").is_file() else None
+        threshold = params.evaluate.count_threshold if isinstance(params, InstanceParams) else 0.5
+        written, errors = instances.run(
+            predictor, files, args.out, args.overlay, progress=sys.stderr.isatty(), count_threshold=threshold
+        )
+        print(
+            f"segflow: {written} image(s) predicted into {args.out} (instance ids .png, COCO results .json)"
+            + (f"; {len(errors)} input(s) failed" if errors else "")
+        )
+        return 3 if errors else 0
     written, errors = predict.run(predictor, files, args.out, args.overlay, progress=sys.stderr.isatty())
     print(f"segflow: {written} mask(s) written to {args.out}" + (f"; {len(errors)} input(s) failed" if errors else ""))
     return 3 if errors else 0

@@ -39,16 +39,36 @@ def colourize(mask: np.ndarray, num_classes: int) -> np.ndarray:
     return palette(num_classes)[mask]
 
 
-def instance_colours(instances: np.ndarray) -> np.ndarray:
-    """(H, W) instance ids to (H, W, 3) uint8: each object its own colour (hues a golden angle apart), outlined
-    in white where it meets another object or the background (dark grey), so touching objects stay apart."""
+def object_edges(instances: np.ndarray) -> np.ndarray:
+    """(H, W) bool: the pixels of each object that touch another object or the background."""
+    ids = np.asarray(instances)
+    edge = np.zeros(ids.shape, dtype=bool)
+    vertical, horizontal = ids[:-1] != ids[1:], ids[:, :-1] != ids[:, 1:]
+    edge[:-1] |= vertical
+    edge[1:] |= vertical
+    edge[:, :-1] |= horizontal
+    edge[:, 1:] |= horizontal
+    return edge & (ids > 0)
+
+
+def instance_colours(instances: np.ndarray, outlined: bool = True) -> np.ndarray:
+    """(H, W) instance ids to (H, W, 3) uint8: each object its own colour (hues a golden angle apart) on dark
+    grey; ``outlined``: in white where it meets another object or the background, so touching objects stay
+    apart."""
     ids = instances.astype(np.int64)
     hue = (ids * 0.618033988749895) % 1.0
     sector = (hue * 6).astype(np.int64) % 6
     frac = hue * 6 - np.floor(hue * 6)
     v, s = 0.95, 0.75
-    p_, q, t = v * (1 - s), v * (1 - s * frac), v * (1 - s * (1 - frac))
-    table = [(v, t, p_), (q, v, p_), (p_, v, t), (p_, q, v), (t, p_, v), (v, p_, q)]
+    low, falling, rising = v * (1 - s), v * (1 - s * frac), v * (1 - s * (1 - frac))
+    table = [
+        (v, rising, low),
+        (falling, v, low),
+        (low, v, rising),
+        (low, falling, v),
+        (rising, low, v),
+        (v, low, falling),
+    ]
     rgb = np.zeros((*ids.shape, 3), dtype=np.float64)
     for k, channels in enumerate(table):
         where = sector == k
@@ -56,12 +76,8 @@ def instance_colours(instances: np.ndarray) -> np.ndarray:
             rgb[..., c][where] = np.broadcast_to(channels[c], ids.shape)[where]
     out = (rgb * 255).round().astype(np.uint8)
     out[ids == 0] = (40, 40, 40)
-    edge = np.zeros(ids.shape, dtype=bool)
-    edge[:-1] |= ids[:-1] != ids[1:]
-    edge[1:] |= ids[:-1] != ids[1:]
-    edge[:, :-1] |= ids[:, :-1] != ids[:, 1:]
-    edge[:, 1:] |= ids[:, :-1] != ids[:, 1:]
-    out[edge & (ids > 0)] = (255, 255, 255)
+    if outlined:
+        out[object_edges(ids)] = (255, 255, 255)
     return out
 
 

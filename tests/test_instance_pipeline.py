@@ -148,3 +148,55 @@ def test_an_instance_model_registers_and_the_gate_reads_mask_ap(project):
     tags = subprocess.run(["git", "tag"], cwd=project, capture_output=True, text=True).stdout.split()
     assert "segflow-model@v0.0.1" in tags or any(t.startswith("segflow-model@v") for t in tags)
     assert "segm.map" in proc.stdout + proc.stderr
+
+
+def test_predict_by_prod_writes_ids_and_coco_json_that_score_as_the_stage(project, tmp_path):
+    # After registration (the first version is promoted): segflow predict --model segflow-model#prod on the
+    # test images; its COCO results JSON, scored against the stored truth, gives the evaluate stage's AP.
+    from segflow.instance import metrics as scoring
+    from segflow.instance.dataset import objects_by_image
+    from segflow.instance.evaluate import truth_of
+    from segflow.io import read_instances
+    from segflow.layout import read_instance_table, read_manifest, split_rows
+    from tests.conftest import ROOT
+
+    ingest = project / "data" / "ingest"
+    rows = split_rows(read_manifest(ingest), "test")
+    images = tmp_path / "images"
+    images.mkdir()
+    for row in rows.itertuples():
+        (images / f"{row.id}.png").write_bytes((ingest / row.image).read_bytes())
+    out = tmp_path / "out"
+    segflow = ROOT / ".venv" / "bin" / "segflow"
+    proc = subprocess.run(
+        [
+            str(segflow if segflow.exists() else "segflow"),
+            "predict",
+            str(images),
+            "--out",
+            str(out),
+            "--overlay",
+            "--model",
+            "segflow-model#prod",
+        ],
+        cwd=project,
+        env=stage_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    objects = objects_by_image(read_instance_table(ingest), ["disk", "box", "triangle"])
+    truths = [truth_of(r.id, read_instances(ingest / r.mask), objects.get(r.id, {})) for r in rows.itertuples()]
+    results = []
+    for row in rows.itertuples():
+        with Image.open(out / f"{row.id}.png") as img:
+            assert img.mode == "I;16" and img.size == (row.width, row.height)
+        assert (out / f"{row.id}_overlay.png").is_file()
+        entries = json.loads((out / f"{row.id}.json").read_text())
+        assert all(e["image_id"] == row.id and e["category_id"] in (1, 2, 3) for e in entries)
+        results += entries
+    gt = scoring.coco_ground_truth(truths, ["disk", "box", "triangle"])
+    again = scoring.evaluate_json(gt, results, max_dets=20)
+    scores = json.loads((project / "data" / "evaluate" / "scores.json").read_text())
+    assert again["segm"]["map"] == pytest.approx(scores["segm"]["map"], abs=1e-9)

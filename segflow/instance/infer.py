@@ -4,6 +4,12 @@ An image goes through the model's own preprocessing (``preprocess.json``: the pi
 reflection padding to the stride, normalisation), then Mask R-CNN; detections are cut back to the
 image (padding holds reflected copies of objects near the border: what lies only there is dropped),
 masks thresholded at ``predict.mask_threshold``.
+
+Images larger than ``predict.tile_size`` are predicted in tiles overlapping by ``predict.overlap``:
+each tile keeps the objects whose box centre lies in its own share of the overlaps (the half nearer
+its centre), so an object seen whole by two tiles is kept once, and what remains is merged by mask
+IoU (``predict.merge_iou``, the higher score kept). Objects are held as their box and the mask inside
+it, so memory follows the objects and one tile, not the image.
 """
 
 from __future__ import annotations
@@ -43,12 +49,60 @@ class Instances:
 
 
 class Predictor:
-    """A loaded instance model and its preprocessing."""
+    """A loaded instance model and its preprocessing; :meth:`predict` is the API (tiles included)."""
 
-    def __init__(self, model_dir: Path, max_detections: int, score_threshold: float, mask_threshold: float):
+    def __init__(
+        self,
+        model_dir: Path,
+        max_detections: int,
+        score_threshold: float,
+        mask_threshold: float,
+        tile_size: int = 512,
+        overlap: int = 128,
+        merge_iou: float = 0.5,
+    ):
         self.model, self.card = load(model_dir, max_detections, score_threshold)
         self.transform = A.load(str(Path(model_dir) / self.card.preprocess), data_format="json")
         self.mask_threshold = mask_threshold
+        self.tile_size, self.overlap, self.merge_iou = tile_size, overlap, merge_iou
+        self.max_detections = max_detections
+
+    def predict(self, image: np.ndarray) -> Instances:
+        """The objects of one (H, W[, C]) uint8 image, best score first; in tiles when it is large."""
+        image = image[..., None] if image.ndim == 2 else image
+        height, width = image.shape[:2]
+        if max(height, width) <= self.tile_size:
+            return self([image])[0]
+        return self._tiled(image)
+
+    def _tiled(self, image: np.ndarray) -> Instances:
+        height, width = image.shape[:2]
+        ys, xs = tile_starts(height, self.tile_size, self.overlap), tile_starts(width, self.tile_size, self.overlap)
+        pieces: list[tuple[np.ndarray, np.ndarray, int, float]] = []  # (box, mask in box, class, score)
+        for y in ys:
+            for x in xs:
+                tile = image[y : y + self.tile_size, x : x + self.tile_size]
+                (found,) = self([tile])
+                y_lo, y_hi = _share(ys, y, self.tile_size, height)
+                x_lo, x_hi = _share(xs, x, self.tile_size, width)
+                for k in range(len(found.scores)):
+                    x0, y0, x1, y1 = found.boxes[k]
+                    cy, cx = y + (y0 + y1) / 2, x + (x0 + x1) / 2
+                    if not (y_lo <= cy < y_hi and x_lo <= cx < x_hi):
+                        continue  # another tile holds this object's centre: it is kept there
+                    box = np.asarray([x0 + x, y0 + y, x1 + x, y1 + y], dtype=np.int64)
+                    inner = found.masks[k][int(y0) : int(y1), int(x0) : int(x1)]
+                    pieces.append((box, inner, int(found.classes[k]), float(found.scores[k])))
+        kept = merge(pieces, self.merge_iou)[: self.max_detections]
+        masks = np.zeros((len(kept), height, width), dtype=bool)
+        for n, (box, inner, _, _) in enumerate(kept):
+            masks[n, box[1] : box[3], box[0] : box[2]] = inner
+        return Instances(
+            masks=masks,
+            classes=np.asarray([c for _, _, c, _ in kept], dtype=np.int64),
+            scores=np.asarray([s for _, _, _, s in kept], dtype=np.float64),
+            boxes=np.asarray([b for b, _, _, _ in kept], dtype=np.float32).reshape(-1, 4),
+        )
 
     @property
     def classes(self) -> list[str]:
@@ -66,6 +120,49 @@ class Predictor:
         for image, output in zip(images, self.model(tensors), strict=True):
             found.append(_cut(output, image.shape[0], image.shape[1], self.mask_threshold))
         return found
+
+
+def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
+    """Tile origins along one side: ``tile`` apart less ``overlap``, the last flush with the edge."""
+    if size <= tile:
+        return [0]
+    step = tile - overlap
+    starts = list(range(0, size - tile, step))
+    return [*starts, size - tile]
+
+
+def _share(starts: list[int], start: int, tile: int, size: int) -> tuple[float, float]:
+    """The part of the side that the tile at ``start`` answers for: up to the middles of its overlaps."""
+    index = starts.index(start)
+    low = 0.0 if index == 0 else (start + starts[index - 1] + tile) / 2
+    high = float(size) if index == len(starts) - 1 else (starts[index + 1] + start + tile) / 2
+    return low, high
+
+
+def merge(pieces: list[tuple[np.ndarray, np.ndarray, int, float]], threshold: float) -> list:
+    """Greedy by score: a piece overlapping a kept one by mask IoU >= ``threshold`` is a duplicate.
+
+    Args:
+        pieces: (box x0, y0, x1, y1 in the image, the bool mask inside the box, class, score).
+    """
+    kept: list[tuple[np.ndarray, np.ndarray, int, float]] = []
+    for piece in sorted(pieces, key=lambda p: -p[3]):
+        if not any(_box_mask_iou(piece, other) >= threshold for other in kept):
+            kept.append(piece)
+    return kept
+
+
+def _box_mask_iou(a, b) -> float:
+    (ba, ma, _, _), (bb, mb, _, _) = a, b
+    x0, y0 = max(ba[0], bb[0]), max(ba[1], bb[1])
+    x1, y1 = min(ba[2], bb[2]), min(ba[3], bb[3])
+    if x0 >= x1 or y0 >= y1:
+        return 0.0
+    inter = np.logical_and(
+        ma[y0 - ba[1] : y1 - ba[1], x0 - ba[0] : x1 - ba[0]], mb[y0 - bb[1] : y1 - bb[1], x0 - bb[0] : x1 - bb[0]]
+    ).sum()
+    union = ma.sum() + mb.sum() - inter
+    return float(inter / union) if union else 0.0
 
 
 def _cut(output: dict, height: int, width: int, threshold: float) -> Instances:

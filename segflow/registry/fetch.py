@@ -283,6 +283,10 @@ def load_model(
         raise SegflowError(f"--backend {backend}: choose torch or onnx")
     settings = load_params(root / "params.yaml").predict if (root / "params.yaml").is_file() else PredictParams()
     if backend == "onnx":
+        from segflow.instance.card import is_instance_card
+
+        if Path(spec).is_dir() and is_instance_card(spec):
+            raise SegflowError(f"{spec}: an instance model (Mask R-CNN) has no ONNX export; use --backend torch")
         if Path(spec).is_dir():
             folder = _local_export(root, Path(spec), "onnx")
         else:
@@ -291,7 +295,29 @@ def load_model(
         forward = infer.onnx_forward(store.verify(folder, card, "onnx"))
     else:
         folder = Path(spec) if Path(spec).is_dir() else fetch(root, resolve(root, spec))
+        from segflow.instance.card import is_instance_card
+
+        if is_instance_card(folder):
+            return _instance_predictor(root, folder)
         model, card = store.load(folder)
         forward = infer.torch_forward(model, device)
     tile = settings.tile_size - settings.tile_size % card.pad_divisor
     return infer.Predictor(forward, card, max(tile, card.pad_divisor), settings.overlap, settings.batch_size)
+
+
+def _instance_predictor(root: Path, folder: Path):
+    """An instance model's predictor, with the project's instance inference settings (or their defaults)."""
+    from segflow.instance.infer import Predictor
+    from segflow.params import InstanceParams, InstancePredictParams, load_params
+
+    params = load_params(root / "params.yaml") if (root / "params.yaml").is_file() else None
+    settings = params.predict if isinstance(params, InstanceParams) else InstancePredictParams()
+    return Predictor(
+        folder,
+        settings.max_detections,
+        settings.score_threshold,
+        settings.mask_threshold,
+        tile_size=settings.tile_size,
+        overlap=settings.overlap,
+        merge_iou=settings.merge_iou,
+    )
