@@ -111,26 +111,20 @@ def render(kept: list[tuple[np.ndarray, np.ndarray, Instances]], threshold: floa
     return viz.grid(rows, classes, ["image", "true objects", "predicted objects"])
 
 
-def run(params: InstanceParams, paths: Paths) -> dict:
-    """Evaluate the instance model on the test split; write metrics, tables and pictures.
-
-    Returns:
-        The full scores (``scores.json``).
-    """
+def test_scores(predictor: Predictor, params: InstanceParams, paths: Paths, keep: int = 0) -> tuple[dict, list, list]:
+    """Score ``predictor`` on the test split: (scores as scores.json holds them, the ``keep`` images spread
+    over the split with truth and prediction for the picture, inference seconds per image)."""
     cfg, inference = params.evaluate, params.predict
-    predictor = Predictor(
-        paths.train / MODEL_DIR, inference.max_detections, inference.score_threshold, inference.mask_threshold
-    )
     classes = predictor.classes
     manifest = read_manifest(paths.ingest)
     rows = split_rows(manifest, "test")
     objects = objects_by_image(read_instance_table(paths.ingest), classes)
-    show = set(spread(len(rows), cfg.preview_samples))
+    show = set(spread(len(rows), keep)) if keep else set()
     truths, preds, kept, seconds = [], [], [], []
     for n, row in enumerate(rows.itertuples()):
         image, instances = read_image(paths.ingest / row.image), read_instances(paths.ingest / row.mask)
         began = time.perf_counter()
-        (found,) = predictor([image])
+        found = predictor.predict(image)
         seconds.append(time.perf_counter() - began)
         truths.append(truth_of(row.id, instances, objects.get(row.id, {})))
         preds.append(found.as_prediction(row.id))
@@ -151,6 +145,40 @@ def run(params: InstanceParams, paths: Paths) -> dict:
         "note": "rows: true category (none: a prediction matching no object), columns: the matched prediction's "
         "category (none: a missed object); matched at mask IoU >= 0.5, predictions scoring >= count_threshold",
     }
+    return scores, kept, seconds
+
+
+def predictor_for(model_dir, params: InstanceParams) -> Predictor:
+    """The predictor evaluate and ``segflow predict`` use, with params' inference settings."""
+    inference = params.predict
+    return Predictor(
+        model_dir,
+        inference.max_detections,
+        inference.score_threshold,
+        inference.mask_threshold,
+        tile_size=inference.tile_size,
+        overlap=inference.overlap,
+        merge_iou=inference.merge_iou,
+    )
+
+
+def score_model(model_dir, params: InstanceParams, paths: Paths) -> dict:
+    """The scores evaluate would write for the model in ``model_dir`` on the current test split (the
+    registry's re-scoring of a champion when the split changed)."""
+    return test_scores(predictor_for(model_dir, params), params, paths)[0]
+
+
+def run(params: InstanceParams, paths: Paths) -> dict:
+    """Evaluate the instance model on the test split; write metrics, tables and pictures.
+
+    Returns:
+        The full scores (``scores.json``).
+    """
+    cfg = params.evaluate
+    predictor = predictor_for(paths.train / MODEL_DIR, params)
+    classes = predictor.classes
+    scores, kept, seconds = test_scores(predictor, params, paths, keep=cfg.preview_samples)
+    rows = scores["images"]
     paths.evaluate.mkdir(parents=True, exist_ok=True)
     per_class = pd.DataFrame(
         {
@@ -188,6 +216,6 @@ def run(params: InstanceParams, paths: Paths) -> dict:
         scores["counts"]["pred_total"],
         scores["counts"]["mean_abs_count_error"],
         scores["semantic"]["iou_macro"],
-        len(rows),
+        rows,
     )
     return scores

@@ -99,7 +99,21 @@ def rescore(root: Path, params: Params, version: Version, split: dict) -> tuple[
         except ValueError:
             cached.unlink()
     folder = fetch(root, version)
-    card = read_card(folder)
+    from segflow.instance.card import is_instance_card
+
+    instance = is_instance_card(folder)
+    if instance != (params.task == "instance"):
+        raise SegflowError(
+            f"{version.label} is a {'n instance' if instance else ' semantic'} model and this project's task is "
+            f"{params.task}: their scores cannot be compared on one split"
+        )
+    if instance:
+        from segflow.instance.card import read_card as read_instance_card
+        from segflow.instance.evaluate import score_model as score_instances
+
+        card, score_model = read_instance_card(folder), score_instances
+    else:
+        card = read_card(folder)
     if card.classes != params.classes:
         raise SegflowError(
             f"{version.label} segments {card.classes}, this project {params.classes}: "
