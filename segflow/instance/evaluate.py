@@ -24,7 +24,7 @@ import time
 import numpy as np
 import pandas as pd
 
-from segflow import viz
+from segflow import progress, viz
 from segflow.instance import metrics as scoring
 from segflow.instance.dataset import objects_by_image
 from segflow.instance.infer import Instances, Predictor
@@ -121,7 +121,7 @@ def test_scores(predictor: Predictor, params: InstanceParams, paths: Paths, keep
     objects = objects_by_image(read_instance_table(paths.ingest), classes)
     show = set(spread(len(rows), keep)) if keep else set()
     truths, preds, kept, seconds = [], [], [], []
-    for n, row in enumerate(rows.itertuples()):
+    for n, row in enumerate(progress.logged(rows.itertuples(), len(rows), "evaluate: test split", log)):
         image, instances = read_image(paths.ingest / row.image), read_instances(paths.ingest / row.mask)
         began = time.perf_counter()
         found = predictor.predict(image)

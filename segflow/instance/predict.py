@@ -14,6 +14,7 @@ Images larger than ``predict.tile_size`` are predicted in tiles (:mod:`segflow.i
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -25,7 +26,10 @@ from segflow.errors import SegflowError
 from segflow.instance.infer import Predictor
 from segflow.instance.metrics import coco_results
 from segflow.io import atomic_path, write_instances
+from segflow.progress import logged
 from segflow.semantic.predict import check_targets, read
+
+log = logging.getLogger(__name__)
 
 
 def outline(image: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -50,7 +54,8 @@ def run(
     check_targets(files, out, with_overlay)
     out.mkdir(parents=True, exist_ok=True)
     written, errors = 0, []
-    for path in tqdm(files, unit="image", disable=not progress, file=sys.stderr):
+    # A bar in a terminal; otherwise (a log file, a worker) a line every 30 s.
+    for path in tqdm(files, unit="image", file=sys.stderr) if progress else logged(files, len(files), "predict", log):
         try:
             image = read(path)
         except SegflowError as error:

@@ -13,14 +13,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import sys
 import time
 import warnings
 from pathlib import Path
 
 import lightning as L
 import torch
-from dvclive.lightning import DVCLiveLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader
 
@@ -47,7 +45,7 @@ from segflow.params import InstanceParams, Paths, available_cores
 from segflow.semantic.dataset import SeededSampler
 from segflow.training import checkpoints
 from segflow.training.hardware import check_accelerator, on_gpu, resolve_precision
-from segflow.training.stage import StageLive, build_callbacks, stop_summary
+from segflow.training.stage import StageLive, build_callbacks, make_trainer, stop_summary
 
 log = logging.getLogger(__name__)
 
@@ -144,26 +142,7 @@ def run(
         live = None
         if rank_zero_only.rank == 0:
             live = StageLive(dir=str(paths.train / LIVE_DIR), dvcyaml=None, save_dvc_exp=False, report=None)
-        trainer = L.Trainer(
-            max_epochs=cfg.epochs,
-            check_val_every_n_epoch=cfg.val_every,
-            deterministic=cfg.deterministic,
-            accelerator=cfg.accelerator,
-            devices=cfg.devices,
-            num_nodes=cfg.num_nodes,
-            strategy="ddp" if cfg.strategy == "ddp" else cfg.strategy,
-            precision=precision,
-            logger=DVCLiveLogger(experiment=live, log_model=False) if live else False,
-            callbacks=callbacks,
-            default_root_dir=folder,
-            log_every_n_steps=1,
-            num_sanity_val_steps=0,
-            enable_progress_bar=sys.stderr.isatty(),
-            enable_model_summary=False,
-            gradient_clip_val=cfg.grad_clip or None,
-            accumulate_grad_batches=cfg.accumulate,
-            use_distributed_sampler=False,
-        )
+        trainer = make_trainer(cfg, folder, callbacks, live, precision, cfg.strategy)
         rank, world = trainer.global_rank, trainer.world_size
         workers = cfg.resolved_workers(gpu, world_size=max(1, world // cfg.num_nodes))
         if trainer.is_global_zero:

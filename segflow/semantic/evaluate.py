@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from segflow import viz
+from segflow import progress, viz
 from segflow.io import atomic_path, write_png, write_text
 from segflow.layout import (
     CONFUSION,
@@ -208,9 +208,8 @@ def test_scores(
         infer.torch_forward(model), card, settings.tile_size, settings.overlap, settings.batch_size
     )
     background = params.background if params.background in card.classes else None
-    summary, per_image, kept = score(
-        dataset, predict(predictor, dataset, seconds), card.classes, keep=keep, background=background
-    )
+    predictions = progress.logged(predict(predictor, dataset, seconds), len(dataset), "evaluate: test split", log)
+    summary, per_image, kept = score(dataset, predictions, card.classes, keep=keep, background=background)
     metrics = {
         "split": "test",
         "split_sha256": split_digest(paths.ingest, rows),

@@ -17,6 +17,7 @@ of failing part-way with a traceback.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import resource
 import sys
@@ -31,7 +32,9 @@ from segflow.data import decode
 from segflow.data.checks import Problem
 from segflow.errors import SegflowError
 from segflow.io import atomic_path, write_png
+from segflow.progress import logged
 
+log = logging.getLogger(__name__)
 _EXTENSIONS = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".gif", ".ppm", ".pgm"}
 #: Largest image predict will decode whole (tiles bound the model's memory, this bounds the image's).
 MAX_PIXELS = 400_000_000
@@ -315,7 +318,8 @@ def run(
     out.mkdir(parents=True, exist_ok=True)
     written, errors = 0, []
     bar = tqdm(files, unit="image", disable=not progress, file=sys.stderr)
-    for path in bar:
+    # No terminal for the bar (a log file, a worker): a line every 30 s instead.
+    for path in bar if progress else logged(files, len(files), "predict", log):
         mask_path = out / f"{path.stem}.png"
         overlay_path = out / f"{path.stem}_overlay.png" if with_overlay else None
         info = pngstream.scan(path) if stream is not False else None

@@ -14,14 +14,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import sys
 import time
 import warnings
 from pathlib import Path
 
 import lightning as L
 import torch
-from dvclive.lightning import DVCLiveLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader
 
@@ -53,7 +51,7 @@ from segflow.training.hardware import (
     resolve_precision,
     weights_digest,
 )
-from segflow.training.stage import StageLive, build_callbacks, stop_summary
+from segflow.training.stage import StageLive, build_callbacks, make_trainer, stop_summary
 
 log = logging.getLogger(__name__)
 #: Where the stage keeps its resumable checkpoints, relative to the project root (see tasks/_checkpoints.py).
@@ -198,26 +196,14 @@ def run(params: Params, paths: Paths, checkpoint_root: Path | None = None, start
         live = None
         if rank_zero_only.rank == 0:  # other DDP processes write nothing
             live = StageLive(dir=str(paths.train / LIVE_DIR), dvcyaml=None, save_dvc_exp=False, report=None)
-        trainer = L.Trainer(
-            max_epochs=cfg.epochs,
-            check_val_every_n_epoch=cfg.val_every,  # and the last epoch (callbacks.Budget)
-            deterministic=cfg.deterministic,
-            accelerator=cfg.accelerator,
-            devices=cfg.devices,
-            num_nodes=cfg.num_nodes,
-            strategy=_strategy(cfg, module.model, channels, params.augment.pad_divisor),
-            precision=precision,
-            logger=DVCLiveLogger(experiment=live, log_model=False) if live else False,
-            callbacks=callbacks,
-            default_root_dir=folder,
-            log_every_n_steps=1,
-            num_sanity_val_steps=0,
-            enable_progress_bar=sys.stderr.isatty(),
-            enable_model_summary=False,
+        trainer = make_trainer(
+            cfg,
+            folder,
+            callbacks,
+            live,
+            precision,
+            _strategy(cfg, module.model, channels, params.augment.pad_divisor),
             benchmark=gpu and not cfg.deterministic,  # crops have one size: cuDNN's autotuned kernels pay off
-            gradient_clip_val=cfg.grad_clip or None,
-            accumulate_grad_batches=cfg.accumulate,
-            use_distributed_sampler=False,  # our samplers shard themselves (same batches for any worker count)
         )
         rank, world = trainer.global_rank, trainer.world_size
         workers = cfg.resolved_workers(gpu, world_size=max(1, world // cfg.num_nodes))

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -93,6 +94,41 @@ def build_callbacks(
             )
         )
     return callbacks, best or last
+
+
+def make_trainer(
+    cfg: SharedTrainParams,
+    folder: Path,
+    callbacks: list[L.Callback],
+    live: Live | None,
+    precision: str,
+    strategy: object,
+    benchmark: bool = False,
+) -> L.Trainer:
+    """The Lightning Trainer both families train with: params' budget and devices, DVCLive as the logger."""
+    from dvclive.lightning import DVCLiveLogger
+
+    return L.Trainer(
+        max_epochs=cfg.epochs,
+        check_val_every_n_epoch=cfg.val_every,  # and the last epoch (callbacks.Budget)
+        deterministic=cfg.deterministic,
+        accelerator=cfg.accelerator,
+        devices=cfg.devices,
+        num_nodes=cfg.num_nodes,
+        strategy=strategy,
+        precision=precision,
+        logger=DVCLiveLogger(experiment=live, log_model=False) if live else False,
+        callbacks=callbacks,
+        default_root_dir=folder,
+        log_every_n_steps=1,
+        num_sanity_val_steps=0,
+        enable_progress_bar=sys.stderr.isatty(),
+        enable_model_summary=False,
+        benchmark=benchmark,
+        gradient_clip_val=cfg.grad_clip or None,
+        accumulate_grad_batches=cfg.accumulate,
+        use_distributed_sampler=False,  # our samplers shard themselves (same batches for any worker count)
+    )
 
 
 def stop_summary(cfg: SharedTrainParams, trainer: L.Trainer, callbacks: list[L.Callback]) -> dict:
