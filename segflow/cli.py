@@ -240,7 +240,11 @@ def _predict(root: Path, args: argparse.Namespace) -> int:
             + (f"; {len(errors)} input(s) failed" if errors else "")
         )
         return 3 if errors else 0
-    written, errors = predict.run(predictor, files, args.out, args.overlay, progress=sys.stderr.isatty())
+    params_file = root / "params.yaml"
+    background = load_params(params_file).background if params_file.is_file() else None
+    written, errors = predict.run(
+        predictor, files, args.out, args.overlay, progress=sys.stderr.isatty(), background=background
+    )
     print(f"segflow: {written} mask(s) written to {args.out}" + (f"; {len(errors)} input(s) failed" if errors else ""))
     return 3 if errors else 0
 

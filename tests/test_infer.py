@@ -573,3 +573,14 @@ def test_validation_pads_by_reflection_and_never_scores_the_padding():
         transform(image=reflected, mask=np.zeros((64, 64), np.uint8))["image"].transpose(2, 0, 1), x.numpy()
     )
     assert (y[:40, :50] == 1).all() and (y[40:] == IGNORE_INDEX).all() and (y[:, 50:] == IGNORE_INDEX).all()
+
+
+def test_overlay_leaves_only_the_named_background_uncoloured():
+    from segflow.semantic.predict import overlay
+
+    image = np.full((2, 3, 3), 100, dtype=np.uint8)
+    mask = np.array([[0, 1, 2], [0, 1, 2]], dtype=np.uint8)
+    sky_first = overlay(image, mask, 3)  # CamVid: class 0 is sky, an object like the others
+    assert (sky_first[:, 0] != 100).any()
+    plain = overlay(image, mask, 3, background=0)
+    assert (plain[:, 0] == 100).all() and (plain[:, 1:] != 100).any()

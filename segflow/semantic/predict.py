@@ -219,11 +219,16 @@ def read(
         raise SegflowError(problem.line()) from None
 
 
-def overlay(image: np.ndarray, mask: np.ndarray, classes: int) -> np.ndarray:
-    """The image with class colours blended in (background left as it is): (H, W, 3) uint8."""
+def overlay(image: np.ndarray, mask: np.ndarray, classes: int, background: int | None = None) -> np.ndarray:
+    """The image with class colours blended in, the ``background`` class (an index; None: none is) left as
+    it is: (H, W, 3) uint8."""
     rgb = viz.as_rgb(image).astype(np.float32)
     colour = viz.colourize(mask, classes).astype(np.float32)
-    alpha = np.where(mask[..., None] > 0, 0.45, 0.0)
+    alpha = (
+        np.where(mask[..., None] != background, 0.45, 0.0)
+        if background is not None
+        else np.full((*mask.shape, 1), 0.45)
+    )
     return (rgb * (1 - alpha) + colour * alpha).round().astype(np.uint8)
 
 
@@ -259,7 +264,9 @@ def _whole_only(predictor, info) -> tuple[str | None, str] | None:
     return None
 
 
-def _predict_streamed(predictor, info, mask_path: Path, overlay_path: Path | None, available: int | None) -> None:
+def _predict_streamed(
+    predictor, info, mask_path: Path, overlay_path: Path | None, available: int | None, background: int | None = None
+) -> None:
     """Predict a PNG a strip of rows at a time, writing the mask (and overlay) as rows finish.
 
     Both files are written inside :func:`atomic_path`: an error or a kill part-way leaves no mask (or overlay)
@@ -288,7 +295,7 @@ def _predict_streamed(predictor, info, mask_path: Path, overlay_path: Path | Non
         for rows, ids in predictor.stream(pngstream.strips(info), info.height, info.width):
             mask.write(ids)
             if shown is not None:
-                shown.write(overlay(rows, ids, classes))
+                shown.write(overlay(rows, ids, classes, background))
 
 
 def run(
@@ -299,6 +306,7 @@ def run(
     progress: bool = True,
     stream: bool | None = None,
     available: int | None = None,
+    background: str | None = None,
 ) -> tuple[int, list[str]]:
     """Predict every file into ``out/<stem>.png`` (class ids) and, with ``with_overlay``, ``<stem>_overlay.png``.
 
@@ -306,6 +314,7 @@ def run(
         stream: stream PNGs (True), decode every image whole as before (False), or stream PNGs above
             :data:`STREAM_ABOVE` pixels (None). The class ids are the same either way.
         available: bytes of memory to check needs against, instead of :func:`available_memory`'s (tests).
+        background: the class the overlay leaves uncoloured (params' ``background``), if the model has it.
 
     Returns:
         (images written, one error line per file that could not be predicted).
@@ -316,6 +325,8 @@ def run(
 
     check_targets(files, out, with_overlay)
     out.mkdir(parents=True, exist_ok=True)
+    classes = predictor.card.classes
+    plain = classes.index(background) if background in classes else None
     written, errors = 0, []
     bar = tqdm(files, unit="image", disable=not progress, file=sys.stderr)
     # No terminal for the bar (a log file, a worker): a line every 30 s instead.
@@ -326,7 +337,7 @@ def run(
         whole = ("", _FIX) if stream is False else _whole_only(predictor, info)
         try:
             if whole is None and (stream or info.pixels > STREAM_ABOVE):
-                _predict_streamed(predictor, info, mask_path, overlay_path, available)
+                _predict_streamed(predictor, info, mask_path, overlay_path, available, plain)
                 written += 1
                 continue
             why, fix = whole or ("", _FIX)
@@ -340,6 +351,6 @@ def run(
             write_png(tmp, mask)
         if overlay_path is not None:
             with atomic_path(overlay_path) as tmp:
-                Image.fromarray(overlay(image, mask, len(predictor.card.classes))).save(tmp, format="PNG")
+                Image.fromarray(overlay(image, mask, len(classes), plain)).save(tmp, format="PNG")
         written += 1
     return written, errors
