@@ -523,8 +523,8 @@ class InstanceTrainParams(SharedTrainParams):
     arch: Literal["MaskRCNN"] = "MaskRCNN"
     encoder: MaskBackbone = "resnet18"
     #: The model's own resize (GeneralizedRCNNTransform): images are scaled so their short side is min_size,
-    #: long side at most max_size. null = the training crop, i.e. no rescaling (torchvision's 800 px default
-    #: would upsample a 128-px CPU image six times).
+    #: long side at most max_size. Both null: no rescaling at all, in training and at inference (torchvision's
+    #: 800 px default would upsample a 128-px CPU image six times, and shrink a large one to it).
     min_size: PositiveInt | None = None
     max_size: PositiveInt | None = None
     #: The metric that picks the kept epoch and drives early stopping: COCO mask AP on the validation split
@@ -538,6 +538,9 @@ class InstanceTrainParams(SharedTrainParams):
     width: int = Field(256, ge=16, le=1024)
     #: Region proposals sampled per image to train the box and mask heads (torchvision's 512).
     rois_per_image: int = Field(512, ge=16, le=4096)
+    #: The smallest anchor (pixels), doubling per FPN level; null: an eighth of the image size, 8 to 32
+    #: (torchvision's 32 suits 800-px images; small cells need less).
+    anchor_size: PositiveInt | None = None
     #: Detections kept per image when validating (mask AP over the validation split; masks above 0.5).
     #: Evaluate and predict keep ``predict.max_detections``.
     val_detections: int = Field(100, ge=1, le=10_000)

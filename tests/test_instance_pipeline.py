@@ -93,7 +93,7 @@ def test_metrics_are_coco_ap_counts_and_pixel_scores(project):
 def test_model_card_and_export_say_instance(project):
     card = json.loads((project / "data" / "train" / "model" / "model.json").read_text())
     assert card["task"] == "instance" and card["arch"] == "MaskRCNN" and card["classes"] == ["disk", "box", "triangle"]
-    assert card["min_size"] == 64 and card["width"] == 32  # no rescaling to torchvision's 800 px
+    assert card["min_size"] is None and card["width"] == 32  # no rescaling (torchvision's 800 px)
     exported = json.loads((project / "data" / "export" / "model.json").read_text())
     assert exported["weights_sha256"] == card["weights_sha256"]
     live = json.loads((project / "data" / "train" / "live" / "metrics.json").read_text())

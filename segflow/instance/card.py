@@ -43,11 +43,13 @@ class InstanceCard(BaseModel):
     pixel_transforms: list[dict] = []
     pad_divisor: int = 32
     train_size: int
-    #: The model's own resize (GeneralizedRCNNTransform); equal to train_size unless params said otherwise.
-    min_size: int
-    max_size: int
+    #: The model's own resize (train.min_size / max_size); None: none (images are seen at their own scale).
+    min_size: int | None = None
+    max_size: int | None = None
     #: FPN and mask-head channels (train.width).
     width: int = 256
+    #: The smallest anchor (train.anchor_size); None: from the image size.
+    anchor_size: int | None = None
     weights: str = WEIGHTS
     weights_sha256: str | None = None
     preprocess: str = PREPROCESS
@@ -113,6 +115,7 @@ def load(model_dir: Path, detections: int = 100, score_threshold: float = 0.05) 
         detections=detections,
         score_threshold=score_threshold,
         width=card.width,
+        anchor_size=card.anchor_size,
     )
     try:
         model.load_state_dict(load_file(weights), strict=True)

@@ -17,6 +17,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from segflow.errors import SegflowError
@@ -25,14 +26,14 @@ from segflow.errors import SegflowError
 _RATIOS = (0.5, 1.0, 2.0)
 
 
-def anchor_sizes(image_size: int, levels: int = 5) -> tuple[tuple[int, ...], ...]:
+def anchor_sizes(image_size: int, levels: int = 5, smallest: int | None = None) -> tuple[tuple[int, ...], ...]:
     """Anchor sizes per FPN level for images of about ``image_size`` pixels a side.
 
     torchvision's (32 .. 512 px) suit 800-px images; a 96-px demo crop holds objects of 14-40 px, which
     such anchors barely overlap. The smallest anchor is an eighth of the image (8 to 32 px), doubling
     per level.
     """
-    smallest = int(min(32, max(8, round(image_size / 8))))
+    smallest = smallest or int(min(32, max(8, round(image_size / 8))))
     return tuple((smallest * 2**level,) for level in range(levels))
 
 
@@ -50,19 +51,23 @@ def build(
     rpn_post_nms_top_n: int = 1000,
     width: int = 256,
     rois_per_image: int = 512,
+    anchor_size: int | None = None,
 ) -> MaskRCNN:
     """A Mask R-CNN for ``num_categories`` object categories (plus background), randomly initialised.
 
     Args:
         encoder: resnet18 | resnet34 (FPN over torchvision's ResNet) | resnet50 (``maskrcnn_resnet50_fpn_v2``)
             | mobilenet_v3_large (FPN over its last two stages).
-        image_size: the training crop: the model's own resize keeps images at this size unless
-            ``min_size``/``max_size`` say otherwise.
+        image_size: the training crop (anchors are sized from it).
+        min_size, max_size: the model's own resize (short side to ``min_size``, long side at most
+            ``max_size``); both None: no resize at all, in training or at inference (an image is seen at
+            the scale it was trained at, whatever its size).
         mean, std: per input channel, on the 0-1 scale (grayscale: repeated to the 3 channels fed in).
         width: FPN and mask-head channels (box head 4x); torchvision's 256.
         rois_per_image: proposals sampled per image to train the heads.
     """
     side = min_size or image_size
+    rescale = min_size is not None or max_size is not None
     common = {
         "num_classes": num_categories + 1,
         "min_size": side,
@@ -75,9 +80,23 @@ def build(
         "rpn_post_nms_top_n_test": rpn_post_nms_top_n,
         "box_batch_size_per_image": rois_per_image,
     }
+    model = _model(encoder, num_categories, side, common, width, anchor_size)
+    if not rescale:
+        model.transform = _NoResize(side, common["max_size"], common["image_mean"], common["image_std"])
+    return model
+
+
+class _NoResize(GeneralizedRCNNTransform):
+    """torchvision's transform without its resize: normalises and pads to the stride, nothing else."""
+
+    def resize(self, image, target=None):
+        return image, target
+
+
+def _model(encoder: str, num_categories: int, side: int, common: dict, width: int, anchor_size: int | None):
     if encoder == "resnet50":
         model = maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None, **common)  # all layers train
-        model.rpn.anchor_generator = _anchors(side, 5)
+        model.rpn.anchor_generator = _anchors(side, 5, anchor_size)
         return model
     if encoder in ("resnet18", "resnet34"):
         body = getattr(resnet, encoder)(weights=None, norm_layer=nn.BatchNorm2d)
@@ -89,7 +108,9 @@ def build(
             extra_blocks=LastLevelMaxPool(),
         )
         return MaskRCNN(
-            backbone, rpn_anchor_generator=_anchors(side, 5), **(common | _heads(width, num_categories + 1))
+            backbone,
+            rpn_anchor_generator=_anchors(side, 5, anchor_size),
+            **(common | _heads(width, num_categories + 1)),
         )
     if encoder == "mobilenet_v3_large":
         features = mobilenet_v3_large(weights=None, norm_layer=nn.BatchNorm2d).features
@@ -104,7 +125,7 @@ def build(
             extra_blocks=LastLevelMaxPool(),
         )
         # Two stages and a pooled level: three feature maps, each given all anchor sizes (torchvision's way).
-        sizes = tuple(size for (size,) in anchor_sizes(side, 3))
+        sizes = tuple(size for (size,) in anchor_sizes(side, 3, anchor_size))
         generator = AnchorGenerator((sizes,) * 3, (_RATIOS,) * 3)
         return MaskRCNN(backbone, rpn_anchor_generator=generator, **(common | _heads(width, num_categories + 1)))
     raise SegflowError(f"train.encoder: {encoder} is not a Mask R-CNN backbone here; use resnet18, resnet34, ...")
@@ -121,8 +142,8 @@ def _heads(width: int, num_classes: int) -> dict:
     }
 
 
-def _anchors(side: int, levels: int) -> AnchorGenerator:
-    return AnchorGenerator(anchor_sizes(side, levels), (_RATIOS,) * levels)
+def _anchors(side: int, levels: int, smallest: int | None = None) -> AnchorGenerator:
+    return AnchorGenerator(anchor_sizes(side, levels, smallest), (_RATIOS,) * levels)
 
 
 def _three(values: list[float]) -> list[float]:

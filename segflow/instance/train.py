@@ -124,6 +124,7 @@ def run(
         rpn_post_nms_top_n=cfg.rpn_post_nms_top_n,
         width=cfg.width,
         rois_per_image=cfg.rois_per_image,
+        anchor_size=cfg.anchor_size,
     )
     loaded = load_weights(model, cfg.encoder_weights) if cfg.encoder_weights else "random init"
     module = InstanceModule(model, cfg, params.classes, mask_threshold=0.5)
@@ -199,7 +200,6 @@ def run(
             live.summary["model"] = {"parameters": summary["parameters"]}
             live.summary["epoch"] = trainer.current_epoch
             live.make_summary()
-        side = cfg.min_size or crop
         card = cards.InstanceCard(
             encoder=cfg.encoder,
             in_channels=channels,
@@ -210,9 +210,10 @@ def run(
             pixel_transforms=list(params.augment.eval),
             pad_divisor=params.augment.pad_divisor,
             train_size=crop,
-            min_size=side,
-            max_size=module.model.transform.max_size,
+            min_size=cfg.min_size,
+            max_size=cfg.max_size,
             width=cfg.width,
+            anchor_size=cfg.anchor_size,
             training=summary,
         )
         cards.save(module.model, card, paths.augment / EVAL_PIPELINE, paths.train / MODEL_DIR)
