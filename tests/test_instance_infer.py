@@ -89,3 +89,40 @@ def test_id_image_paints_the_better_score_on_top():
     ids = found.id_image()
     assert ids[1].tolist() == [1, 1, 1, 1] and ids[2].tolist() == [2, 2, 2, 2] and ids[3].tolist() == [0] * 4
     assert found.id_image(min_score=0.7)[2].tolist() == [0] * 4
+
+
+class _Echo(torch.nn.Module):
+    """A stand-in detector: returns what it is told to, as Mask R-CNN's eval-mode output."""
+
+    def __init__(self, outputs):
+        super().__init__()
+        self.outputs = outputs
+
+    def forward(self, images):
+        return self.outputs
+
+
+def test_validation_scores_mask_ap_beyond_100_objects():
+    # 150 objects in one image, all found: COCO AP 1.0 with val_detections 200 (torchmetrics' reading of
+    # pycocotools' summary gives -1 for the AP at any limit but 100, which would pick the wrong epoch).
+    from segflow.instance.module import InstanceModule
+    from segflow.params import InstanceTrainParams
+
+    ids = np.zeros((60, 150), dtype=np.uint16)
+    for n in range(150):
+        y, x = divmod(n, 30)
+        ids[y * 12 : y * 12 + 8, x * 5 : x * 5 + 4] = n + 1
+    masks = torch.from_numpy(np.stack([ids == n + 1 for n in range(150)]))
+    target = {"masks": masks.to(torch.uint8), "labels": torch.ones(150, dtype=torch.int64)}
+    output = {
+        "masks": masks[:, None].float(),
+        "labels": torch.ones(150, dtype=torch.int64),
+        "scores": torch.linspace(0.99, 0.6, 150),
+    }
+    module = InstanceModule(_Echo([output]), InstanceTrainParams(val_detections=200), ["thing"], 0.5)
+    logged = {}
+    module.log_dict = lambda values, **_: logged.update(values)
+    module.on_validation_epoch_start()
+    module.validation_step(([torch.zeros(3, 60, 150)], [target], [0]), 0)
+    module.on_validation_epoch_end()
+    assert logged["val/segm_map"] == pytest.approx(1.0) and logged["val/segm_map_50"] == pytest.approx(1.0)

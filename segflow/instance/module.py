@@ -1,19 +1,22 @@
 """The LightningModule that trains Mask R-CNN: torchvision's summed losses, validation mask AP.
 
 torchvision's detection models return their losses only in training mode and detections only in
-eval mode, so validation scores COCO mask AP (torchmetrics' ``MeanAveragePrecision``) and has no
-loss. The loss watch, optimiser, schedule and checkpointed random state are shared
+eval mode, so validation scores COCO mask AP and has no loss. The scorer is the evaluate stage's own
+(:mod:`segflow.instance.metrics`, pycocotools with ``maxDets`` = ``train.val_detections``): torchmetrics'
+``MeanAveragePrecision`` reads pycocotools' summary, whose AP is fixed at 100 detections and comes out
+-1 for any other limit. The loss watch, optimiser, schedule and checkpointed random state are shared
 (:class:`segflow.training.module.TrainingModule`).
 """
 
 from __future__ import annotations
 
 import logging
-import warnings
 
+import numpy as np
 import torch
-from torchmetrics.detection import MeanAveragePrecision
+import torch.distributed as dist
 
+from segflow.instance import metrics
 from segflow.params import InstanceTrainParams
 from segflow.training.module import TrainingModule
 
@@ -38,7 +41,7 @@ class InstanceModule(TrainingModule):
         self.channels_last = False
         self.compiled = False
         self.reset_watch()
-        self._map: MeanAveragePrecision | None = None
+        self._seen: list[tuple[metrics.ImageTruth, metrics.ImagePrediction]] = []
 
     def forward(self, images: list[torch.Tensor]) -> list[dict]:
         return self.model(images)
@@ -58,30 +61,36 @@ class InstanceModule(TrainingModule):
         return loss
 
     def on_validation_epoch_start(self) -> None:
-        # Ranked over every kept detection (as COCO does), masks thresholded; summed over DDP processes.
-        limits = sorted({1, 10, self.cfg.val_detections})
-        self._map = MeanAveragePrecision(
-            iou_type="segm", backend="pycocotools", max_detection_thresholds=limits, sync_on_compute=True
-        ).to(self.device)
+        self._seen = []
 
     def validation_step(self, batch, batch_idx):
-        images, targets, _ = batch
+        images, targets, indices = batch
         outputs = self.model(images)
-        preds = [
-            {
-                "masks": (o["masks"][:, 0] > self.mask_threshold),
-                "scores": o["scores"],
-                "labels": o["labels"],
-            }
-            for o in outputs
-        ]
-        truth = [{"masks": t["masks"].bool(), "labels": t["labels"]} for t in targets]
-        self._map.update(preds, truth)
+        for output, target, index in zip(outputs, targets, indices, strict=True):
+            true = target["masks"].cpu().numpy().astype(bool)
+            ids = np.zeros(true.shape[1:], dtype=np.uint16)
+            for n, mask in enumerate(true, start=1):
+                ids[mask] = n
+            classes = {n: int(c) - 1 for n, c in enumerate(target["labels"].tolist(), start=1)}
+            found = output["masks"][:, 0] > self.mask_threshold
+            keep = found.flatten(1).any(1)
+            prediction = metrics.ImagePrediction(
+                str(index),
+                found[keep].cpu().numpy(),
+                (output["labels"][keep] - 1).cpu().numpy(),
+                output["scores"][keep].cpu().numpy().astype(np.float64),
+            )
+            self._seen.append((metrics.ImageTruth(str(index), ids, classes), prediction))
 
     def on_validation_epoch_end(self):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # pycocotools' numpy deprecation notices, once per image
-            result = self._map.compute()
-        self._map = None
-        logged = {"val/segm_map": float(result["map"]), "val/segm_map_50": float(result["map_50"])}
-        self.log_dict({k: max(0.0, v) for k, v in logged.items()}, prog_bar=True, sync_dist=False)
+        seen = self._seen
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # Each process validated its shard: score the whole split (on every process: the same number).
+            gathered: list = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, seen)
+            seen = [pair for part in gathered for pair in part]
+        self._seen = []
+        truths, preds = [t for t, _ in seen], [p for _, p in seen]
+        result = metrics.evaluate(truths, preds, self.classes, max_dets=self.cfg.val_detections)
+        logged = {"val/segm_map": result["segm"]["map"], "val/segm_map_50": result["segm"]["map_50"]}
+        self.log_dict({k: float(v or 0.0) for k, v in logged.items()}, prog_bar=True, sync_dist=False)
