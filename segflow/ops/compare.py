@@ -75,6 +75,11 @@ def plan(
 
     data = yaml.safe_load((root / "params.yaml").read_text(encoding="utf-8")) or {}
     base = load_params(root / "params.yaml")
+    if base.task == "instance":
+        raise SegflowError(
+            "segflow compare tabulates semantic architectures and encoders; with task: instance queue the backbones "
+            "as DVC experiments (dvc exp run -S train.encoder=mobilenet_v3_large) and read them with dvc exp show"
+        )
     extra = shared_sets(sets)
     ingest_path = Path(base.ingest.path)
     absolute = (root / ingest_path).resolve()
