@@ -54,8 +54,6 @@ from segflow.training.hardware import (
 from segflow.training.stage import StageLive, build_callbacks, make_trainer, stop_summary
 
 log = logging.getLogger(__name__)
-#: Where the stage keeps its resumable checkpoints, relative to the project root (see tasks/_checkpoints.py).
-CHECKPOINTS = stage.STATE_DIR / "checkpoints"
 
 
 def _loader(
