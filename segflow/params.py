@@ -230,13 +230,14 @@ class IngestParams(_Section):
             raise ValueError("give either ingest.mask_values (grayscale masks) or ingest.palette (RGB masks), not both")
         if self.palette is None and any(isinstance(v, tuple) for v in self.ignore_values):
             raise ValueError("ingest.ignore_values holds [r, g, b] colours, which need ingest.palette")
+        hashed = self.layout == "paired" or self.instance_layout()  # the split is the seeded hash of each id
         for key in ("group", "split_ids", "split_lists"):
-            if getattr(self, key) is not None and self.layout != "paired":
+            if getattr(self, key) is not None and not (hashed if key != "split_lists" else self.layout == "paired"):
                 raise ValueError(f"ingest.{key} applies to layout: paired (split_folders keeps the given split)")
         if self.split_ids is not None and self.split_lists is not None:
             raise ValueError("give either ingest.split_ids or ingest.split_lists, not both")
         if self.test_ids is not None:
-            if self.source == "folder" and (self.layout != "paired" or self.split_lists is not None):
+            if self.source == "folder" and (not hashed or self.split_lists is not None):
                 raise ValueError(
                     "ingest.test_ids freezes a hashed test split (layout: paired); with split_folders or "
                     "split_lists the dataset's own lists already fix it"
