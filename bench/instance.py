@@ -115,15 +115,14 @@ def _isbi(work: Path) -> list[str]:
     timed([str(BIN / "python"), "-m", "dvc", "repro"], cells)
     cells_s = time.perf_counter() - began
     scores = json.loads((cells / "data/evaluate/scores.json").read_text())
-    card = json.loads((cells / "data/train/model/model.json").read_text())
     semantic = _project(work, "isbi-semantic", "configs/isbi2012.yaml", extra=path)
     began = time.perf_counter()
     timed([str(BIN / "python"), "-m", "dvc", "repro"], semantic)
     semantic_s = time.perf_counter() - began
     components = _semantic_cells(semantic)
-    minutes = card["training"].get("train_minutes")
+    fit = json.loads((cells / "data/train/live/metrics.json").read_text())["perf"]["fit_s"]
     rows = [
-        ("Mask R-CNN (configs/isbi2012-cells.yaml)", scores, f"{cells_s / 60:.1f} min ({minutes or '-'} min training)"),
+        ("Mask R-CNN (configs/isbi2012-cells.yaml)", scores, f"{cells_s / 60:.1f} min ({fit / 60:.1f} min training)"),
         ("semantic U-Net (configs/isbi2012.yaml) + connected components", components, f"{semantic_s / 60:.1f} min"),
     ]
     lines = [
