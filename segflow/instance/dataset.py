@@ -127,9 +127,9 @@ class InstanceDataset(Dataset):
         out = self.transform(image=image, mask=shifted)
         moved = out["mask"].astype(np.int32)
         ids = np.where(moved >= _SHIFT, moved - _SHIFT, 0)
-        # Reflection padding (the eval pipeline) copies objects into the padding: cut them back out.
-        ids[instances.shape[0] :, :] = 0 if seed is None else ids[instances.shape[0] :, :]
-        ids[:, instances.shape[1] :] = 0 if seed is None else ids[:, instances.shape[1] :]
+        if seed is None:  # the eval pipeline pads by reflection, copying objects into the padding: cut them out
+            ids[instances.shape[0] :, :] = 0
+            ids[:, instances.shape[1] :] = 0
         target = targets(ids, self.objects.get(self.rows.at[index, "id"], {}), self.min_area)
         tensor = torch.from_numpy(np.ascontiguousarray(out["image"].transpose(2, 0, 1)))
         if tensor.shape[0] == 1:
