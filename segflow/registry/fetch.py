@@ -307,17 +307,8 @@ def load_model(
 
 def _instance_predictor(root: Path, folder: Path):
     """An instance model's predictor, with the project's instance inference settings (or their defaults)."""
-    from segflow.instance.infer import Predictor
-    from segflow.params import InstanceParams, InstancePredictParams, load_params
+    from segflow.instance.evaluate import predictor_for
+    from segflow.params import InstanceParams, load_params
 
     params = load_params(root / "params.yaml") if (root / "params.yaml").is_file() else None
-    settings = params.predict if isinstance(params, InstanceParams) else InstancePredictParams()
-    return Predictor(
-        folder,
-        settings.max_detections,
-        settings.score_threshold,
-        settings.mask_threshold,
-        tile_size=settings.tile_size,
-        overlap=settings.overlap,
-        merge_iou=settings.merge_iou,
-    )
+    return predictor_for(folder, params if isinstance(params, InstanceParams) else InstanceParams())
