@@ -200,3 +200,48 @@ def test_predict_by_prod_writes_ids_and_coco_json_that_score_as_the_stage(projec
     again = scoring.evaluate_json(gt, results, max_dets=20)
     scores = json.loads((project / "data" / "evaluate" / "scores.json").read_text())
     assert again["segm"]["map"] == pytest.approx(scores["segm"]["map"], abs=1e-9)
+
+
+def test_a_killed_instance_training_resumes_bit_identical(project):
+    # The shared machinery under Mask R-CNN: SIGKILL once an epoch is checkpointed; the rerun resumes
+    # from it and ends with the same weights, byte for byte, as an uninterrupted run (CPU).
+    import hashlib
+    import signal
+    import time
+
+    import torch
+
+    set_params(project, {"train": {"epochs": 3}}, "the resume test")
+
+    def train() -> subprocess.CompletedProcess:
+        run = [sys.executable, "-m", "tasks.train"]
+        return subprocess.run(run, cwd=project, env=stage_env(), capture_output=True, text=True, timeout=600)
+
+    def weights() -> str:
+        return hashlib.sha256((project / "data/train/model/model.safetensors").read_bytes()).hexdigest()
+
+    done = train()
+    assert done.returncode == 0, done.stderr[-2000:]
+    uninterrupted = weights()
+    stage = subprocess.Popen(
+        [sys.executable, "-m", "tasks.train"],
+        cwd=project,
+        env=stage_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        found = sorted((project / ".segflow" / "checkpoints").glob("train-*/last.ckpt"))
+        if found and torch.load(found[0], weights_only=False)["epoch"] >= 0 and stage.poll() is None:
+            break
+        time.sleep(0.05)
+    else:
+        stage.kill()
+        pytest.fail("no checkpoint appeared")
+    stage.send_signal(signal.SIGKILL)
+    stage.wait()
+    resumed = train()
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from epoch" in resumed.stderr
+    assert weights() == uninterrupted
