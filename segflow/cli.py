@@ -69,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     compare_parser = commands.add_parser(
         "compare", help="queue one DVC experiment per arch/encoder/loss, run them, write docs/compare/<dataset>.md"
     )
-    compare_parser.add_argument("--archs", required=True, help="comma-separated, e.g. Unet,FCN,SegNet,DeepLabV3Plus")
+    compare_parser.add_argument(
+        "--archs", default=None, help="comma-separated, e.g. Unet,FCN,SegNet,DeepLabV3Plus (task: instance: MaskRCNN)"
+    )
     compare_parser.add_argument("--encoders", default=None, help="comma-separated (default: train.encoder)")
     compare_parser.add_argument("--losses", default=None, help="comma-separated (default: train.loss)")
     compare_parser.add_argument(
@@ -163,22 +165,26 @@ def _dispatch(args: argparse.Namespace, root: Path) -> int:
 
 
 def _compare(root: Path, args: argparse.Namespace) -> int:
+    from segflow.errors import SegflowError
     from segflow.ops.compare import compare
     from segflow.params import load_params
 
     train = load_params(root / "params.yaml").train
     split = lambda text, default: [v.strip() for v in (text or default).split(",") if v.strip()]  # noqa: E731
+    if args.archs is None and train.arch != "MaskRCNN":
+        raise SegflowError("segflow compare: give --archs, e.g. --archs Unet,FPN,SegNet")
     command = " ".join(
-        ["segflow compare", f"--archs {args.archs}"]
+        ["segflow compare"]
+        + ([f"--archs {args.archs}"] if args.archs else [])
         + [f"--{k} {v}" for k, v in (("encoders", args.encoders), ("losses", args.losses)) if v]
         + [f"--set {s}" for s in args.sets]
         + ([f"--dataset {args.dataset}"] if args.dataset else [])
     )
     md, csv, rows = compare(
         root,
-        split(args.archs, ""),
+        split(args.archs, train.arch),
         split(args.encoders, train.encoder),
-        split(args.losses, train.loss),
+        split(args.losses, getattr(train, "loss", "-")),
         args.sets,
         dataset=args.dataset,
         jobs=args.jobs,

@@ -77,3 +77,43 @@ def test_compare_queues_runs_and_tabulates_two_architectures(tmp_path):
         assert row["gmacs"] > 0 and row["train_s"] > 0 and row["infer_images_per_s"] > 0
     text = md.read_text()
     assert "segflow compare --archs Unet,SegNet" in text and "| synthetic-SegNet-vgg16_bn-dice_ce |" in text
+
+
+def _instance_project(tmp_path):
+    from segflow.config import set_params
+    from tests.test_instance_pipeline import INSTANCE_TINY
+
+    project = fresh_project(tmp_path / "project")
+    set_params(project, INSTANCE_TINY, "an instance comparison")
+    subprocess.run(["git", "commit", "-qam", "task: instance"], cwd=project, env=stage_env(), check=True)
+    return project
+
+
+def test_instance_plan_is_one_experiment_per_backbone(tmp_path):
+    project = _instance_project(tmp_path)
+    combos = plan(project, ["MaskRCNN"], ["resnet18", "mobilenet_v3_large", "resnet18"], ["-"], [], "tiny")
+    assert [(c.name, dict(c.sets)) for c in combos] == [
+        ("tiny-MaskRCNN-resnet18", {"train.encoder": "resnet18"}),
+        ("tiny-MaskRCNN-mobilenet_v3_large", {"train.encoder": "mobilenet_v3_large"}),
+    ]
+    with pytest.raises(SegflowError, match=r"task: instance trains MaskRCNN only"):
+        plan(project, ["Unet"], ["resnet18"], ["-"], [], "tiny")
+    with pytest.raises(SegflowError, match=r"MaskRCNN / resnet101: .*train.encoder"):
+        plan(project, ["MaskRCNN"], ["resnet101"], ["-"], [], "tiny")
+
+
+@pytest.mark.slow
+def test_compare_tabulates_instance_backbones_from_their_experiments(tmp_path):
+    project = _instance_project(tmp_path)
+    md, csv, rows = compare(
+        project, ["MaskRCNN"], ["resnet18", "mobilenet_v3_large"], ["-"], [], jobs=2, command="segflow compare"
+    )
+    assert [r["status"] for r in rows] == ["done", "done"], rows
+    table = pd.read_csv(csv).set_index("experiment")
+    for name in ("synthetic-MaskRCNN-resnet18", "synthetic-MaskRCNN-mobilenet_v3_large"):
+        rev = table.loc[name, "rev"]
+        scores = json.loads(dvc.api.read("data/evaluate/scores.json", repo=str(project), rev=str(rev)))
+        assert table.loc[name, "segm_map"] == pytest.approx(scores["segm"]["map"])
+        assert table.loc[name, "count_mae"] == pytest.approx(scores["counts"]["mean_abs_count_error"])
+        assert table.loc[name, "parameters"] > 0 and table.loc[name, "train_s"] > 0
+    assert "| mask AP | AP50 | box AP | count error |" in md.read_text()

@@ -75,12 +75,9 @@ def plan(
 
     data = yaml.safe_load((root / "params.yaml").read_text(encoding="utf-8")) or {}
     base = load_params(root / "params.yaml")
-    if base.task == "instance":
-        raise SegflowError(
-            "segflow compare tabulates semantic architectures and encoders; with task: instance queue the backbones "
-            "as DVC experiments (dvc exp run -S train.encoder=mobilenet_v3_large) and read them with dvc exp show"
-        )
     extra = shared_sets(sets)
+    if base.task == "instance":
+        return _instance_plan(data, archs, encoders, extra, dataset)
     ingest_path = Path(base.ingest.path)
     absolute = (root / ingest_path).resolve()
     if base.ingest.source == "folder" and not absolute.is_relative_to(root.resolve()):
@@ -109,6 +106,24 @@ def plan(
         combos.append(Combination(name, arch, encoder, loss, tuple(changes)))
     if not combos:
         raise SegflowError("segflow compare: nothing to compare; give --archs (and --encoders / --losses)")
+    return combos
+
+
+def _instance_plan(data: dict, archs: list[str], encoders: list[str], extra: list, dataset: str) -> list[Combination]:
+    """task: instance: one experiment per Mask R-CNN backbone (the loss is torchvision's: not a choice)."""
+    if any(arch != "MaskRCNN" for arch in archs):
+        raise SegflowError(f"segflow compare: task: instance trains MaskRCNN only (got --archs {','.join(archs)})")
+    combos = []
+    for encoder in dict.fromkeys(encoders):
+        changes = [("train.encoder", encoder), *extra]
+        name = _slug(f"{dataset}-MaskRCNN-{encoder}")
+        try:
+            parse_params(_with_sets(data, changes), f"{name} (params.yaml with train.encoder={encoder})")
+        except SegflowError as error:
+            raise SegflowError(f"segflow compare: MaskRCNN / {encoder}: {error}") from None
+        combos.append(Combination(name, "MaskRCNN", encoder, "-", tuple(changes)))
+    if not combos:
+        raise SegflowError("segflow compare: nothing to compare; give --encoders")
     return combos
 
 
@@ -234,6 +249,13 @@ def collect(root: Path, combos: list[Combination]) -> list[dict]:
             infer_images_per_s=speed.get("inference.images_per_s"),
             infer_device=speed.get("inference.device"),
         )
+        if "segm.map" in scores:  # task: instance
+            row.update(
+                segm_map=scores.get("segm.map"),
+                segm_map_50=scores.get("segm.map_50"),
+                bbox_map=scores.get("bbox.map"),
+                count_mae=scores.get("counts.mean_abs_count_error"),
+            )
         rows.append(row)
     return rows
 
@@ -263,10 +285,15 @@ def write_table(
     out = root / out
     out.mkdir(parents=True, exist_ok=True)
     frame = pd.DataFrame(rows)
-    if "iou_macro" in frame:
-        frame = frame.sort_values("iou_macro", ascending=False, na_position="last")
+    instance = params.task == "instance"
+    key = "segm_map" if instance else "iou_macro"
+    if key in frame:
+        frame = frame.sort_values(key, ascending=False, na_position="last")
     csv_path, md_path = out / f"{dataset}.csv", out / f"{dataset}.md"
     write_text(csv_path, frame.to_csv(index=False))
+    if instance:
+        write_text(md_path, _instance_table(frame, params, dataset, command, root))
+        return md_path, csv_path
     classes = params.classes
     head = ["experiment", "IoU macro", "Dice macro", *(f"IoU {c}" for c in classes)]
     head += ["params (M)", "GMACs", "train (s)", "infer (img/s)"]
@@ -318,6 +345,47 @@ def write_table(
     )
     write_text(md_path, text)
     return md_path, csv_path
+
+
+def _instance_table(frame, params, dataset: str, command: str, root: Path) -> str:
+    """The markdown of an instance comparison: COCO mask AP, counts, pixel IoU, size and time per backbone."""
+    head = ["experiment", "mask AP", "AP50", "box AP", "count error", "IoU macro", "params (M)", "train (s)"]
+    head += ["infer (img/s)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in frame.to_dict("records"):
+        if row.get("status") != "done":
+            lines.append(f"| {row['experiment']} | {row.get('status')} |" + " |" * (len(head) - 2))
+            continue
+        cells = [row["experiment"], *(_fmt(row.get(k)) for k in ("segm_map", "segm_map_50", "bbox_map"))]
+        cells += [_fmt(row.get("count_mae"), 2), _fmt(row.get("iou_macro"))]
+        cells += [_fmt(row["parameters"] / 1e6, 2) if row.get("parameters") else ""]
+        cells += [_fmt(row.get("train_s"), 0), _fmt(row.get("infer_images_per_s"), 1)]
+        lines.append("| " + " | ".join(cells) + " |")
+    t = params.train
+    head_rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
+    return "\n".join(
+        [
+            f"# Comparison on {dataset} (instance segmentation)",
+            "",
+            f"Written by `segflow compare` on {datetime.date.today().isoformat()} from commit "
+            f"`{head_rev.stdout.strip() or '?'}`; every row is a DVC experiment (`dvc exp show`).",
+            "",
+            "```",
+            command,
+            "```",
+            "",
+            f"- Data: {dataset}, categories {', '.join(params.classes)}; COCO mask and box AP on the test split "
+            f"(maxDets {params.predict.max_detections}); count error: mean absolute difference of objects per image "
+            f"(predictions scoring >= {params.evaluate.count_threshold}); IoU macro: pixels of the instance masks.",
+            f"- Shared settings: Mask R-CNN, FPN width {t.width}, epochs {t.epochs}, batch {t.batch_size}, crop "
+            f"{params.augment.crop_size}, preset {params.augment.preset}, {t.optimizer} lr {t.lr}, seed {params.seed}, "
+            "random init.",
+            f"- Machine: {machine()}.",
+            "",
+            *lines,
+            "",
+        ]
+    )
 
 
 def compare(
