@@ -126,3 +126,30 @@ def test_validation_scores_mask_ap_beyond_100_objects():
     module.validation_step(([torch.zeros(3, 60, 150)], [target], [0]), 0)
     module.on_validation_epoch_end()
     assert logged["val/segm_map"] == pytest.approx(1.0) and logged["val/segm_map_50"] == pytest.approx(1.0)
+
+
+def test_local_torchvision_weights_load_whole_or_as_the_backbone(tmp_path):
+    from torchvision.models import resnet18
+
+    from segflow.errors import SegflowError
+    from segflow.instance.model import build, load_weights
+
+    def model():
+        return build("resnet18", 2, 64, mean=[0.0] * 3, std=[1.0] * 3, width=32)
+
+    trained = model()
+    torch.save(trained.state_dict(), tmp_path / "whole.pth")
+    fresh = model()
+    assert load_weights(fresh, tmp_path / "whole.pth") == "the whole model"
+    assert all(
+        torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), trained.state_dict().values(), strict=True)
+    )
+
+    classifier = resnet18(weights=None)  # a classification network's file, as torchvision saves it
+    torch.save(classifier.state_dict(), tmp_path / "resnet18.pth")
+    fresh = model()
+    assert load_weights(fresh, tmp_path / "resnet18.pth").startswith("the backbone (")
+    assert torch.equal(fresh.backbone.body.conv1.weight, classifier.conv1.weight)
+
+    with pytest.raises(SegflowError, match=r"not found; give a local"):
+        load_weights(model(), tmp_path / "missing.pth")

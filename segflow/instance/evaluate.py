@@ -139,6 +139,8 @@ def test_scores(predictor: Predictor, params: InstanceParams, paths: Paths, keep
     scores["iou"] = {"macro": semantic["iou_macro"], "per_class": semantic["iou"]}
     scores["dice"] = {"macro": semantic["dice_macro"], "per_class": semantic["dice"]}
     scores["reduction"] = semantic["reduction"]
+    # AP per category beside the headline (register.metric: segm.per_class.<category> works too).
+    scores["segm"]["per_class"] = {c: v["ap"] for c, v in scores["segm_per_class"].items()}
     scores["confusion"] = {
         "labels": [*classes, "none"],
         "counts": matched_confusion(truths, preds, len(classes), cfg.count_threshold).tolist(),
