@@ -202,6 +202,7 @@ def test_predict_by_prod_writes_ids_and_coco_json_that_score_as_the_stage(projec
     assert again["segm"]["map"] == pytest.approx(scores["segm"]["map"], abs=1e-9)
 
 
+@pytest.mark.slow  # 40-90 s: the default run keeps the semantic family's resume test of the same machinery
 def test_a_killed_instance_training_resumes_bit_identical(project):
     # The shared machinery under Mask R-CNN: SIGKILL once an epoch is checkpointed; the rerun resumes
     # from it and ends with the same weights, byte for byte, as an uninterrupted run (CPU).
