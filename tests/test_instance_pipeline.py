@@ -44,6 +44,15 @@ INSTANCE_TINY = {
 }
 
 
+def _segflow(project, *args: str) -> subprocess.CompletedProcess:
+    """The installed ``segflow`` command (the venv's when the suite runs from the repository's)."""
+    from tests.conftest import ROOT
+
+    segflow = ROOT / ".venv" / "bin" / "segflow"
+    command = [str(segflow if segflow.exists() else "segflow"), *args]
+    return subprocess.run(command, cwd=project, env=stage_env(), capture_output=True, text=True, timeout=300)
+
+
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     project = fresh_project(tmp_path_factory.mktemp("instance") / "project")
@@ -133,17 +142,7 @@ def test_a_semantic_key_is_refused_by_name_under_task_instance(project):
 
 
 def test_an_instance_model_registers_and_the_gate_reads_mask_ap(project):
-    from tests.conftest import ROOT
-
-    segflow = ROOT / ".venv" / "bin" / "segflow"
-    proc = subprocess.run(
-        [str(segflow if segflow.exists() else "segflow"), "register", "--commit"],
-        cwd=project,
-        env=stage_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = _segflow(project, "register", "--commit")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     tags = subprocess.run(["git", "tag"], cwd=project, capture_output=True, text=True).stdout.split()
     assert "segflow-model@v0.0.1" in tags or any(t.startswith("segflow-model@v") for t in tags)
@@ -158,7 +157,6 @@ def test_predict_by_prod_writes_ids_and_coco_json_that_score_as_the_stage(projec
     from segflow.instance.evaluate import truth_of
     from segflow.io import read_instances
     from segflow.layout import read_instance_table, read_manifest, split_rows
-    from tests.conftest import ROOT
 
     ingest = project / "data" / "ingest"
     rows = split_rows(read_manifest(ingest), "test")
@@ -167,24 +165,7 @@ def test_predict_by_prod_writes_ids_and_coco_json_that_score_as_the_stage(projec
     for row in rows.itertuples():
         (images / f"{row.id}.png").write_bytes((ingest / row.image).read_bytes())
     out = tmp_path / "out"
-    segflow = ROOT / ".venv" / "bin" / "segflow"
-    proc = subprocess.run(
-        [
-            str(segflow if segflow.exists() else "segflow"),
-            "predict",
-            str(images),
-            "--out",
-            str(out),
-            "--overlay",
-            "--model",
-            "segflow-model#prod",
-        ],
-        cwd=project,
-        env=stage_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = _segflow(project, "predict", str(images), "--out", str(out), "--overlay", "--model", "segflow-model#prod")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     objects = objects_by_image(read_instance_table(ingest), ["disk", "box", "triangle"])
     truths = [truth_of(r.id, read_instances(ingest / r.mask), objects.get(r.id, {})) for r in rows.itertuples()]

@@ -170,8 +170,8 @@ def _ingest_one(item, job: _Job) -> dict | Problem:
     if stored.get("mask") is not None and not np.array_equal(mask, raw_mask):
         stored["mask"] = None
     # A source file that already is the PNG ingest would write is copied: encoding is most of the cost.
-    for folder, array, key in ((IMAGES, image, "image"), (MASKS, mask, "mask")):
-        target = job.out / folder / f"{item.id}.png"
+    for subdir, array, key in ((IMAGES, image, "image"), (MASKS, mask, "mask")):
+        target = job.out / subdir / f"{item.id}.png"
         if stored.get(key) is not None:
             target.write_bytes(stored[key])
         else:
@@ -208,22 +208,12 @@ def _encoding(cfg: IngestParams, classes: list[str]) -> MaskEncoding:
 def _items(params: Params, scratch: Path, problems: Problems) -> list:
     """The source's work items (and, for archives, their unpacked files under ``scratch``)."""
     cfg = params.ingest
-    if cfg.source == "synthetic" and params.task == "instance":
-        synth = cfg.synthetic
-        return synthetic.instance_items(
-            params.seed,
-            synth.num_images,
-            len(params.classes),
-            synth.image_size,
-            synth.min_objects,
-            synth.max_objects,
-            synth.noise,
-            synth.class_weights,
-        )
     if cfg.source == "synthetic":
         synth = cfg.synthetic
         # segflow/params.py has already checked the class count and weights against the generator.
-        return synthetic.items(
+        # classes: with task instance the object categories, else background included (each generator knows).
+        make = synthetic.instance_items if params.task == "instance" else synthetic.items
+        return make(
             params.seed,
             synth.num_images,
             len(params.classes),

@@ -45,7 +45,7 @@ from segflow.params import InstanceParams, Paths, available_cores
 from segflow.semantic.dataset import SeededSampler
 from segflow.training import checkpoints
 from segflow.training.hardware import check_accelerator, on_gpu, resolve_precision
-from segflow.training.stage import StageLive, build_callbacks, make_trainer, stop_summary
+from segflow.training.stage import StageLive, build_callbacks, fit_summary, keep_best, make_trainer, stop_summary
 
 log = logging.getLogger(__name__)
 
@@ -175,23 +175,10 @@ def run(
             weights_only=True,
         )
         fit_seconds = time.perf_counter() - fit_started
-        summary = {
-            "seed": params.seed,
-            "epochs": trainer.current_epoch,
-            "precision": precision,
-            "train_images": len(train_set),
-            "val_images": len(val_set),
-            "weights_init": loaded,
-        }
-        if cfg.val_every > 1:
-            summary["val_every"] = cfg.val_every
+        summary = fit_summary(params.seed, trainer, precision, len(train_set), len(val_set), cfg)
+        summary["weights_init"] = loaded
         summary.update(stop_summary(cfg, trainer, callbacks))
-        if checkpoint.monitor and checkpoint.best_model_path:
-            best = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)
-            module.load_state_dict(best["state_dict"])
-            summary["monitor"] = cfg.monitor
-            summary["best_score"] = round(float(checkpoint.best_model_score), 6)
-            summary["best_epoch"] = int(best["epoch"]) + 1
+        summary.update(keep_best(module, checkpoint, cfg))
 
     if trainer.is_global_zero:
         summary["parameters"] = sum(p.numel() for p in module.model.parameters())

@@ -51,7 +51,7 @@ from segflow.training.hardware import (
     resolve_precision,
     weights_digest,
 )
-from segflow.training.stage import StageLive, build_callbacks, make_trainer, stop_summary
+from segflow.training.stage import StageLive, build_callbacks, fit_summary, keep_best, make_trainer, stop_summary
 
 log = logging.getLogger(__name__)
 
@@ -239,29 +239,16 @@ def run(params: Params, paths: Paths, checkpoint_root: Path | None = None, start
             weights_only=True,  # tensors and plain values only: loading a checkpoint runs no pickled code
         )
         fit_seconds = time.perf_counter() - fit_started
-        summary = {
-            "seed": params.seed,
-            "epochs": trainer.current_epoch,
-            "precision": precision,
-            "train_images": len(train_set),
-            "val_images": len(val_set),
-        }
-        if cfg.val_every > 1:
-            summary["val_every"] = cfg.val_every
+        summary = fit_summary(params.seed, trainer, precision, len(train_set), len(val_set), cfg)
         if class_weights is not None:
             summary["class_weights"] = {
                 "method": "median_frequency" if cfg.class_weights == "median_frequency" else "given",
                 "weights": {name: round(w, 6) for name, w in zip(params.classes, class_weights, strict=True)},
             }
         summary.update(stop_summary(cfg, trainer, callbacks))
-        if checkpoint.monitor and checkpoint.best_model_path:
-            best = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)
-            module.load_state_dict(best["state_dict"])
-            summary["monitor"] = cfg.monitor
-            summary["best_score"] = round(float(checkpoint.best_model_score), 6)
-            if cfg.monitor == "val/iou_macro":
-                summary["best_val_iou_macro"] = summary["best_score"]
-            summary["best_epoch"] = int(best["epoch"]) + 1
+        summary.update(
+            keep_best(module, checkpoint, cfg, "best_val_iou_macro" if cfg.monitor == "val/iou_macro" else None)
+        )
         if world > 1:
             broadcast_buffers(module.model)
             log.info("rank %d of %d: final weights sha256 %s", rank, world, weights_digest(module.model))

@@ -131,6 +131,36 @@ def make_trainer(
     )
 
 
+def fit_summary(seed: int, trainer: L.Trainer, precision: str, train_images: int, val_images: int, cfg) -> dict:
+    """The card's ``training`` entries every run has: seed, epochs trained, precision, images, ``val_every``."""
+    summary = {
+        "seed": seed,
+        "epochs": trainer.current_epoch,
+        "precision": precision,
+        "train_images": train_images,
+        "val_images": val_images,
+    }
+    if cfg.val_every > 1:
+        summary["val_every"] = cfg.val_every
+    return summary
+
+
+def keep_best(module: L.LightningModule, checkpoint: ModelCheckpoint, cfg, also_as: str | None = None) -> dict:
+    """Load the best monitored epoch's weights into ``module``; return what the card says of it
+    (``monitor``, ``best_score``, the score again under ``also_as``, ``best_epoch`` 1-based). Without a
+    monitored checkpoint the module keeps the last epoch's weights and nothing is returned."""
+    import torch
+
+    if not (checkpoint.monitor and checkpoint.best_model_path):
+        return {}
+    best = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)
+    module.load_state_dict(best["state_dict"])
+    found = {"monitor": cfg.monitor, "best_score": round(float(checkpoint.best_model_score), 6)}
+    if also_as:
+        found[also_as] = found["best_score"]
+    return found | {"best_epoch": int(best["epoch"]) + 1}
+
+
 def stop_summary(cfg: SharedTrainParams, trainer: L.Trainer, callbacks: list[L.Callback]) -> dict:
     """How training ended, for the card: stopped by ``max_minutes`` (when, after how long) or by patience."""
     budget = next(c for c in callbacks if isinstance(c, Budget))
