@@ -85,7 +85,7 @@ def test_id_image_paints_the_better_score_on_top():
     masks = np.zeros((2, 4, 4), dtype=bool)
     masks[0, :2] = True
     masks[1, 1:3] = True
-    found = Instances(masks, np.array([0, 0]), np.array([0.9, 0.6]), np.zeros((2, 4)))
+    found = Instances.from_masks(masks, np.array([0, 0]), np.array([0.9, 0.6]))
     ids = found.id_image()
     assert ids[1].tolist() == [1, 1, 1, 1] and ids[2].tolist() == [2, 2, 2, 2] and ids[3].tolist() == [0] * 4
     assert found.id_image(min_score=0.7)[2].tolist() == [0] * 4
@@ -153,3 +153,22 @@ def test_local_torchvision_weights_load_whole_or_as_the_backbone(tmp_path):
 
     with pytest.raises(SegflowError, match=r"not found; give a local"):
         load_weights(model(), tmp_path / "missing.pth")
+
+
+def test_instances_hold_boxes_and_crops_not_image_sized_masks():
+    """A slide's objects cost their boxes: each crop is its tight box, the full mask made when asked."""
+    masks = np.zeros((3, 300, 400), dtype=bool)
+    masks[0, 10:20, 30:45] = True
+    masks[1, 250:300, 390:400] = True  # at the corner
+    masks[1, 260, 380] = True
+    found = Instances.from_masks(masks, np.array([0, 1, 0]), np.array([0.9, 0.8, 0.7]))
+    assert len(found.scores) == 2  # the empty third mask is dropped
+    assert found.boxes.tolist() == [[30, 10, 45, 20], [380, 250, 400, 300]]
+    assert [c.shape for c in found.crops] == [(10, 15), (50, 20)]
+    assert sum(c.size for c in found.crops) < masks[0].size // 100
+    stack = found.masks
+    assert stack.shape == (2, 300, 400) and len(stack) == 2
+    np.testing.assert_array_equal(stack[1], masks[1])
+    np.testing.assert_array_equal(np.asarray(stack), masks[:2])
+    np.testing.assert_array_equal([m.sum() for m in stack], [150, 501])
+    assert found.id_image()[260, 380] == 2

@@ -227,3 +227,25 @@ def test_a_killed_instance_training_resumes_bit_identical(project):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from epoch" in resumed.stderr
     assert weights() == uninterrupted
+
+
+@pytest.mark.slow  # 30-60 s: two training processes; the semantic DDP test in the default run covers the launcher
+def test_ddp_two_cpu_processes_train_one_mask_rcnn(project):
+    # Two DDP processes on the CPU (gloo): the same final weights and BatchNorm statistics on both, one
+    # model folder written (rank 0), and the validation AP scored over the whole val split.
+    set_params(project, {"train": {"epochs": 2, "devices": 2, "strategy": "ddp", "accelerator": "cpu"}}, "ddp")
+    try:
+        run = [sys.executable, "-m", "tasks.train"]
+        done = subprocess.run(run, cwd=project, env=stage_env(), capture_output=True, text=True, timeout=600)
+    finally:
+        set_params(project, {"train": {"epochs": 1, "devices": 1, "strategy": "auto"}}, "ddp")
+    assert done.returncode == 0, done.stderr[-3000:]
+    import re
+
+    digests = dict(re.findall(r"rank (\d) of 2: final weights sha256 (\w+)", done.stderr))
+    assert set(digests) == {"0", "1"} and digests["0"] == digests["1"], done.stderr[-3000:]
+    assert "2 processes (DDP)" in done.stderr
+    written = sorted(p.name for p in (project / "data/train").iterdir() if p.name != ".gitignore")  # dvc's own
+    assert written == ["live", "model"]
+    card = json.loads((project / "data/train/model/model.json").read_text())
+    assert card["training"]["epochs"] == 2 and card["task"] == "instance"

@@ -456,3 +456,21 @@ def test_settings_that_do_not_fit_the_layout(tmp_path):
     # One class: every object is that class.
     (item,) = run("instance_png", classes=["thing"])
     assert [row["class"] for row in item.read(10**6, "full_range")[2]] == [0, 0, 0, 0]
+
+
+def test_coco_category_ids_are_kept_for_predictions(tmp_path):
+    # The file's own ids (car 3, person 7) go to the report, so predict's COCO JSON speaks the same ids;
+    # a class the file never annotates gets one above them, not a clash with an unused category (bus 9 unused).
+    from segflow.data.ingest import coco_category_ids
+
+    root = tmp_path / "ds"
+    write_coco(root, "polygon")
+    items, _, _ = read_all(root, "coco", annotations="annotations/instances.json")
+    assert coco_category_ids(items, CLASSES) == {"car": 3, "person": 7}
+    assert coco_category_ids(items, ["person", "car", "truck"]) == {"person": 7, "car": 3, "truck": 8}
+    # Training reads them from ingest's report into the card (1, 2, ... when ingest read no COCO file).
+    from segflow.instance.train import category_ids
+
+    (tmp_path / "report.json").write_text(json.dumps({"source": {"category_ids": {"car": 3, "person": 7}}}))
+    assert category_ids(tmp_path, ["person", "car"]) == [7, 3]
+    assert category_ids(tmp_path / "none", ["person", "car"]) == [1, 2]

@@ -32,9 +32,9 @@ from segflow.semantic import dataset as datasets
 from segflow.semantic import losses, metrics, store, train
 from segflow.semantic.card import read_card
 from segflow.semantic.module import SegmentationModule
-from segflow.training.module import NonFiniteLoss, build_schedule
 from segflow.training import callbacks, checkpoints
 from segflow.training import stage as training_stage
+from segflow.training.module import NonFiniteLoss, build_schedule
 from tests.conftest import TINY
 
 KILLABLE = {"train": {"epochs": 6}}

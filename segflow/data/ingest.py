@@ -22,6 +22,7 @@ its ``ingest.group``), so adding images never moves an existing one; with
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import multiprocessing
 import shutil
@@ -363,7 +364,8 @@ def run(params: Params, paths: Paths) -> pd.DataFrame:
             cfg.scale_16bit,
             params.task,
         )
-        rows = _collect(_items(params, scratch, problems), job, params, problems)
+        items = _items(params, scratch, problems)
+        rows = _collect(items, job, params, problems)
         shutil.rmtree(scratch, ignore_errors=True)
         columns = [
             "id",
@@ -390,13 +392,36 @@ def run(params: Params, paths: Paths) -> pd.DataFrame:
         manifest = pd.DataFrame(rows).reindex(columns=columns).sort_values("id").reset_index(drop=True)
         _check_splits(manifest, cfg)
         manifest.to_csv(out / MANIFEST, index=False)
-        data_report = report.build(manifest, params.classes, problems.records, report.describe_source(cfg))
+        source = report.describe_source(cfg)
+        if cfg.layout == "coco" and params.task == "instance":
+            source["category_ids"] = coco_category_ids(items, params.classes)
+        data_report = report.build(manifest, params.classes, problems.records, source)
         (out / REPORT_JSON).write_text(report.to_json(data_report), encoding="utf-8")
         (out / REPORT_MD).write_text(report.to_markdown(data_report), encoding="utf-8")
     log.info("%s", report.summary_line(data_report, paths.ingest))
     for record in problems.records:
         log.warning("skipped: %s", record["message"])
     return manifest
+
+
+def coco_category_ids(items: list, classes: list[str]) -> dict[str, int]:
+    """{class: its ``category_id`` in the COCO annotation file} (what predict's COCO JSON uses again).
+
+    A class the file names no annotation of gets the next id above the file's (not one of its others)."""
+    found: dict[str, int] = {}
+    for item in items:
+        coco = getattr(item, "coco", None)
+        if coco:
+            for ident, name in json.loads(coco)["categories"].items():
+                if isinstance(ident, str) and ident.lstrip("-").isdigit():
+                    found.setdefault(name, int(ident))
+    ids = {name: found[name] for name in classes if name in found}
+    spare = max(ids.values(), default=0)
+    for name in classes:
+        if name not in ids:
+            spare += 1
+            ids[name] = spare
+    return ids
 
 
 def _check_splits(manifest: pd.DataFrame, cfg: IngestParams) -> None:

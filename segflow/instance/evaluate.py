@@ -73,11 +73,12 @@ def matched_confusion(truths, preds, num_classes: int, threshold: float, iou: fl
             if pred.scores[k] < threshold:
                 continue
             best, best_iou = None, iou
+            found = pred.masks[k]
             for n, mask in enumerate(true_masks):
                 if n in taken:
                     continue
-                union = np.logical_or(mask, pred.masks[k]).sum()
-                value = np.logical_and(mask, pred.masks[k]).sum() / union if union else 0.0
+                union = np.logical_or(mask, found).sum()
+                value = np.logical_and(mask, found).sum() / union if union else 0.0
                 if value >= best_iou:
                     best, best_iou = n, value
             if best is None:

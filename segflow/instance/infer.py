@@ -25,27 +25,97 @@ from segflow.instance.card import load
 from segflow.instance.metrics import ImagePrediction
 
 
+class MaskStack:
+    """(K, H, W) bool masks held as each object's box and the mask inside it.
+
+    Indexing gives one object's full-size (H, W) mask, made when asked, so memory follows the
+    objects, not K times the image: a slide of thousands of cells costs its cells' boxes.
+    ``np.asarray`` makes the whole dense stack (what a small image's caller may want).
+    """
+
+    def __init__(self, crops: list[np.ndarray], boxes: np.ndarray, height: int, width: int):
+        if len(crops) != len(boxes):
+            raise ValueError(f"{len(crops)} masks for {len(boxes)} boxes")
+        self.crops, self.boxes = crops, np.asarray(boxes, dtype=np.int64).reshape(-1, 4)
+        self.shape = (len(crops), height, width)
+
+    def __len__(self) -> int:
+        return len(self.crops)
+
+    def __getitem__(self, k: int) -> np.ndarray:
+        if not isinstance(k, int | np.integer):
+            raise TypeError("index one object at a time (np.asarray(masks) makes the whole stack)")
+        out = np.zeros(self.shape[1:], dtype=bool)
+        x0, y0, x1, y1 = self.boxes[k]
+        out[y0:y1, x0:x1] = self.crops[k]
+        return out
+
+    def __iter__(self):
+        return (self[k] for k in range(len(self)))
+
+    def __array__(self, dtype=None, copy=None):
+        dense = np.zeros(self.shape, dtype=bool)
+        for k, ((x0, y0, x1, y1), crop) in enumerate(zip(self.boxes, self.crops, strict=True)):
+            dense[k, y0:y1, x0:x1] = crop
+        return dense if dtype is None else dense.astype(dtype)
+
+
 @dataclass
 class Instances:
-    """What the model found in one image: ``masks`` (K, H, W) bool, ``classes`` (K,) 0-based category
-    indices, ``scores`` (K,) float, ``boxes`` (K, 4) x0, y0, x1, y1 of the masks; best score first."""
+    """What the model found in one image, best score first: ``boxes`` (K, 4) int x0, y0, x1, y1 (end
+    exclusive) tight around each mask, ``crops`` the bool mask inside each box, ``classes`` (K,) 0-based
+    category indices, ``scores`` (K,) float, ``size`` the image's (H, W). ``masks`` gives (H, W) masks
+    one object at a time."""
 
-    masks: np.ndarray
+    crops: list[np.ndarray]
+    boxes: np.ndarray
     classes: np.ndarray
     scores: np.ndarray
-    boxes: np.ndarray
+    size: tuple[int, int]
+
+    @classmethod
+    def from_masks(cls, masks: np.ndarray, classes: np.ndarray, scores: np.ndarray) -> Instances:
+        """From dense (K, H, W) masks (empty ones dropped)."""
+        masks = np.asarray(masks, dtype=bool)
+        crops, boxes, keep = [], [], []
+        for k, mask in enumerate(masks):
+            box = _tight_box(mask)
+            if box is None:
+                continue
+            x0, y0, x1, y1 = box
+            crops.append(mask[y0:y1, x0:x1].copy())
+            boxes.append(box)
+            keep.append(k)
+        return cls(
+            crops=crops,
+            boxes=np.asarray(boxes, dtype=np.int64).reshape(-1, 4),
+            classes=np.asarray(classes, dtype=np.int64)[keep],
+            scores=np.asarray(scores, dtype=np.float64)[keep],
+            size=(int(masks.shape[1]), int(masks.shape[2])),
+        )
+
+    @property
+    def masks(self) -> MaskStack:
+        return MaskStack(self.crops, self.boxes, *self.size)
 
     def as_prediction(self, image_id: str) -> ImagePrediction:
         return ImagePrediction(image_id, self.masks, self.classes, self.scores)
 
     def id_image(self, min_score: float = 0.0) -> np.ndarray:
         """(H, W) uint16 instance ids (1 = best scoring); where objects overlap, the higher score wins."""
-        height, width = self.masks.shape[1:] if len(self.masks) else (0, 0)
-        out = np.zeros((height, width), dtype=np.uint16)
+        out = np.zeros(self.size, dtype=np.uint16)
         kept = [k for k in range(len(self.scores)) if self.scores[k] >= min_score]
         for rank, k in reversed(list(enumerate(kept, start=1))):  # lowest score first, best painted last
-            out[self.masks[k]] = rank
+            x0, y0, x1, y1 = self.boxes[k]
+            out[y0:y1, x0:x1][self.crops[k]] = rank
         return out
+
+
+def _tight_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    if not len(rows):
+        return None
+    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
 
 
 class Predictor:
@@ -86,22 +156,19 @@ class Predictor:
                 y_lo, y_hi = _share(ys, y, self.tile_size, height)
                 x_lo, x_hi = _share(xs, x, self.tile_size, width)
                 for k in range(len(found.scores)):
-                    x0, y0, x1, y1 = found.boxes[k]
+                    x0, y0, x1, y1 = (int(v) for v in found.boxes[k])
                     cy, cx = y + (y0 + y1) / 2, x + (x0 + x1) / 2
                     if not (y_lo <= cy < y_hi and x_lo <= cx < x_hi):
                         continue  # another tile holds this object's centre: it is kept there
                     box = np.asarray([x0 + x, y0 + y, x1 + x, y1 + y], dtype=np.int64)
-                    inner = found.masks[k][int(y0) : int(y1), int(x0) : int(x1)]
-                    pieces.append((box, inner, int(found.classes[k]), float(found.scores[k])))
+                    pieces.append((box, found.crops[k], int(found.classes[k]), float(found.scores[k])))
         kept = merge(pieces, self.merge_iou)[: self.max_detections]
-        masks = np.zeros((len(kept), height, width), dtype=bool)
-        for n, (box, inner, _, _) in enumerate(kept):
-            masks[n, box[1] : box[3], box[0] : box[2]] = inner
         return Instances(
-            masks=masks,
+            crops=[inner for _, inner, _, _ in kept],
+            boxes=np.asarray([b for b, _, _, _ in kept], dtype=np.int64).reshape(-1, 4),
             classes=np.asarray([c for _, _, c, _ in kept], dtype=np.int64),
             scores=np.asarray([s for _, _, _, s in kept], dtype=np.float64),
-            boxes=np.asarray([b for b, _, _, _ in kept], dtype=np.float32).reshape(-1, 4),
+            size=(height, width),
         )
 
     @property
@@ -168,15 +235,8 @@ def _box_mask_iou(a, b) -> float:
 def _cut(output: dict, height: int, width: int, threshold: float) -> Instances:
     """Detections of the padded image, cut back to the image; empty masks dropped."""
     masks = (output["masks"][:, 0, :height, :width] > threshold).numpy()
-    keep = masks.reshape(len(masks), -1).any(1) if len(masks) else np.zeros(0, dtype=bool)
-    masks = masks[keep]
-    boxes = np.zeros((len(masks), 4), dtype=np.float32)
-    for k, mask in enumerate(masks):
-        ys, xs = np.nonzero(mask)
-        boxes[k] = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
-    return Instances(
-        masks=masks.reshape(len(masks), height, width),
-        classes=(output["labels"].numpy()[keep] - 1).astype(np.int64),
-        scores=output["scores"].numpy()[keep].astype(np.float64),
-        boxes=boxes,
+    return Instances.from_masks(
+        masks.reshape(len(masks), height, width),
+        (output["labels"].numpy() - 1).astype(np.int64),
+        output["scores"].numpy().astype(np.float64),
     )

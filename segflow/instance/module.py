@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from segflow.instance import metrics
 from segflow.params import InstanceTrainParams
+from segflow.training.hardware import broadcast_buffers
 from segflow.training.module import TrainingModule
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,10 @@ class InstanceModule(TrainingModule):
 
     def on_validation_epoch_start(self) -> None:
         self._seen = []
+        if _distributed():
+            # BatchNorm trains here too: every process validates with rank 0's running statistics (DDP
+            # keeps parameters equal, not buffers), so the AP is that of the one model that is saved.
+            broadcast_buffers(self.model)
 
     def validation_step(self, batch, batch_idx):
         images, targets, indices = batch
@@ -84,7 +89,7 @@ class InstanceModule(TrainingModule):
 
     def on_validation_epoch_end(self):
         seen = self._seen
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if _distributed():
             # Each process validated its shard: score the whole split (on every process: the same number).
             gathered: list = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, seen)
@@ -94,3 +99,7 @@ class InstanceModule(TrainingModule):
         result = metrics.evaluate(truths, preds, self.classes, max_dets=self.cfg.val_detections)
         logged = {"val/segm_map": result["segm"]["map"], "val/segm_map_50": result["segm"]["map_50"]}
         self.log_dict({k: float(v or 0.0) for k, v in logged.items()}, prog_bar=True, sync_dist=False)
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1

@@ -11,6 +11,7 @@ Resumable per-epoch checkpoints are keyed to the params, the data and this famil
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import time
@@ -34,6 +35,7 @@ from segflow.layout import (
     LIVE_DIR,
     MANIFEST,
     MODEL_DIR,
+    REPORT_JSON,
     TRAIN_PIPELINE,
     image_channels,
     load_transform,
@@ -44,7 +46,7 @@ from segflow.layout import (
 from segflow.params import InstanceParams, Paths, available_cores
 from segflow.semantic.dataset import SeededSampler
 from segflow.training import checkpoints
-from segflow.training.hardware import check_accelerator, on_gpu, resolve_precision
+from segflow.training.hardware import broadcast_buffers, check_accelerator, on_gpu, resolve_precision, weights_digest
 from segflow.training.stage import StageLive, build_callbacks, fit_summary, keep_best, make_trainer, stop_summary
 
 log = logging.getLogger(__name__)
@@ -60,6 +62,17 @@ def _run_key(params: InstanceParams, paths: Paths) -> str:
     }
     inputs = [paths.ingest / MANIFEST, paths.ingest / INSTANCES, paths.augment / TRAIN_PIPELINE]
     return checkpoints.run_key(keyed, inputs, code_files("segflow.instance.train"))
+
+
+def category_ids(ingest: Path, classes: list[str]) -> list[int]:
+    """Each class's COCO ``category_id``: the annotation file's own when ingest read one (so predict's
+    COCO JSON uses the ids the user's tools know), else 1, 2, ... in ``classes`` order."""
+    report = ingest / REPORT_JSON
+    source = json.loads(report.read_text(encoding="utf-8")).get("source", {}) if report.is_file() else {}
+    found = source.get("category_ids", {})
+    if set(found) == set(classes):
+        return [int(found[name]) for name in classes]
+    return list(range(1, len(classes) + 1))
 
 
 def _loader(dataset: InstanceDataset, batch_size: int, seed: int, workers: int, train: bool, rank=0, world=1):
@@ -179,6 +192,9 @@ def run(
         summary["weights_init"] = loaded
         summary.update(stop_summary(cfg, trainer, callbacks))
         summary.update(keep_best(module, checkpoint, cfg))
+        if world > 1:
+            broadcast_buffers(module.model)
+            log.info("rank %d of %d: final weights sha256 %s", rank, world, weights_digest(module.model))
 
     if trainer.is_global_zero:
         summary["parameters"] = sum(p.numel() for p in module.model.parameters())
@@ -191,7 +207,7 @@ def run(
             encoder=cfg.encoder,
             in_channels=channels,
             classes=params.classes,
-            category_ids=list(range(1, len(params.classes) + 1)),
+            category_ids=category_ids(paths.ingest, params.classes),
             mean=list(mean),
             std=list(std),
             pixel_transforms=list(params.augment.eval),
