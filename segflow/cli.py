@@ -140,7 +140,8 @@ def _dispatch(args: argparse.Namespace, root: Path) -> int:
             info = deploy.deploy(root, args.cron)
         print(
             f"segflow: deployment {info['name']} (id {info['id']}) runs on work pool '{info['work_pool']}' at "
-            f"'{info['cron']}' ({info['timezone']}); start a worker with `segflow worker`"
+            f"'{info['cron']}' ({info['timezone']}); a run silent for {info['crash_after_s']} s is marked CRASHED; "
+            "start a worker with `segflow worker`"
         )
         return 0
     if args.command == "worker":

@@ -1,12 +1,13 @@
 """Run a command on a leash: it stops when the process that started it is gone.
 
-    python -m segflow.ops.leash PARENT -- command [args...]
+    python -m segflow.ops.leash PARENT [--grace SECONDS] [--tree] -- command [args...]
 
 ``PARENT`` is ``pid:start-time`` (:func:`segflow.proc.process_identity`).
 The caller starts this wrapper in a new session; the wrapper runs the command
 in that session and, once the parent has ended (even by SIGKILL, which the
 parent cannot pass on), sends SIGTERM to the whole session's process group,
-then SIGKILL to what is left after a grace period. With ``SEGFLOW_FLOW_RUN``
+then SIGKILL to what is left after a grace period (``--grace``, default :data:`GRACE`); with
+``--tree``, also to every process the command started in a session of its own. With ``SEGFLOW_FLOW_RUN``
 and ``PREFECT_API_URL`` set, it also marks that Prefect flow run CRASHED, so
 the dashboard never shows a dead run as RUNNING. Signals sent to the wrapper
 are passed to the command; its exit status is the command's.
@@ -45,6 +46,55 @@ def group_members(pgid: int, exclude: int | None = None) -> list[int]:
     return members
 
 
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid``, whatever session or group it moved to (Linux /proc), parents first."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":
+            children.setdefault(int(fields[1]), []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(0), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def stop_processes(pids: list[int], grace: float = GRACE) -> None:
+    """SIGTERM each of ``pids``; SIGKILL those still there after ``grace`` seconds."""
+    for signum, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+        deadline = time.monotonic() + wait
+        while (pids := [p for p in pids if _running(p)]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if not pids:
+            return
+
+
+def _group(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def stop_group(pgid: int, grace: float = GRACE, exclude: int | None = None) -> None:
     """SIGTERM every process of ``pgid``; SIGKILL whatever is still there after ``grace`` seconds."""
     for signum, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
@@ -71,13 +121,26 @@ def mark_crashed(message: str) -> None:
         if lease:
             httpx.post(f"{api}/v2/concurrency_limits/decrement-with-lease", json={"lease_id": lease}, timeout=5)
         if run_id:
+            # Already ended (its worker's watch marked it, segflow/ops/orphan.py): keep what that said.
+            found = httpx.get(f"{api}/flow_runs/{run_id}", timeout=5)
+            if found.is_success and found.json().get("state_type") in ("CRASHED", "FAILED", "CANCELLED", "COMPLETED"):
+                return
             state = {"type": "CRASHED", "name": "Crashed", "message": message}
             httpx.post(f"{api}/flow_runs/{run_id}/set_state", json={"state": state, "force": True}, timeout=5)
 
 
 def main(argv: list[str]) -> int:
+    grace, tree = GRACE, False
+    while len(argv) > 2 and argv[1] in ("--grace", "--tree"):
+        if argv[1] == "--tree":
+            tree, argv = True, [argv[0], *argv[2:]]
+        else:
+            grace, argv = float(argv[2]), [argv[0], *argv[3:]]
     if len(argv) < 3 or argv[1] != "--":
-        print("usage: python -m segflow.ops.leash PARENT -- command [args...]", file=sys.stderr)
+        print(
+            "usage: python -m segflow.ops.leash PARENT [--grace SECONDS] [--tree] -- command [args...]",
+            file=sys.stderr,
+        )
         return 2
     parent, command = argv[0], argv[2:]
     child = subprocess.Popen(command)
@@ -88,7 +151,13 @@ def main(argv: list[str]) -> int:
         if not is_alive(parent):
             pid = parent.split(":")[0]
             # No output here: the parent held the other end of our stdout, and it is gone.
-            stop_group(os.getpgid(0), exclude=os.getpid())
+            # --tree: also what the command started in sessions of their own (a worker's flow runs), found
+            # while the command still lives to link them to it; they get the same SIGTERM, then SIGKILL.
+            if tree:
+                own = os.getpgid(0)
+                started = [p for p in descendants(child.pid) if _group(p) not in (own, None)]
+                stop_processes([*group_members(own, exclude=os.getpid()), *started], grace=grace)
+            stop_group(os.getpgid(0), grace=grace, exclude=os.getpid())
             # A stage stopped in the middle of its clean-up (or by the SIGKILL after the grace period)
             # may leave its scratch folder; its process is gone now, so remove it here, not next run.
             from segflow.stage import prune_scratch

@@ -17,12 +17,12 @@ import warnings
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
-from prefect.states import Failed
+from prefect.states import Cancelled, Failed
 
 from segflow.errors import SegflowError
 from segflow.ops import summary
 from segflow.ops.env import stage_env
-from segflow.ops.lock import clear_stale_dvc_locks, project_lock
+from segflow.ops.lock import Busy, clear_stale_dvc_locks, project_lock
 from segflow.ops.plan import changed_sources, dvc, has_remote, stage_order, stages_to_run
 from segflow.ops.runner import StageFailed, run_stage
 from segflow.ops.slots import GPU_LIMIT
@@ -86,6 +86,17 @@ def register_model(root: str, commit: bool | None):
     return outcome
 
 
+def _end_with_the_worker() -> None:
+    """In a deployment's run (started by a worker), end the run when that worker dies (segflow/ops/orphan.py)."""
+    from prefect.runtime import deployment, flow_run
+    from prefect.settings import PREFECT_API_URL
+
+    from segflow.ops.orphan import watch_worker
+
+    if deployment.id and flow_run.id:
+        watch_worker(str(flow_run.id), PREFECT_API_URL.value())
+
+
 @flow(name="segflow-pipeline")
 def pipeline(
     root: str = ".",
@@ -113,6 +124,7 @@ def pipeline(
         Failed state whose message is the failing stage's one-line error.
     """
     logger = get_run_logger()
+    _end_with_the_worker()
     root_path = Path(root).resolve()
     results, failure, before, registration = [], None, None, None
     try:
@@ -127,6 +139,12 @@ def pipeline(
                 registration = None if failure else state.result()
             if register and not (registration or {}).get("registered") and _ran(results) and has_remote(root_path):
                 _remote(root_path, "push", logger)
+    except Busy as busy:
+        # Another pipeline holds the project (a second worker on one clone, a run by hand): nothing was
+        # done and nothing is wrong with the project, so the run is Cancelled (named Busy), not Failed.
+        message = f"{busy}; this run did nothing (one worker per clone: README, Team)"
+        logger.warning("%s", message)
+        return Cancelled(message=message, name="Busy")
     except (SegflowError, ValueError) as error:
         failure = str(error)
     result = {"root": root_path, **(summary.outputs(root_path) if results else {}), "stages": results}

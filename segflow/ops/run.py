@@ -225,7 +225,7 @@ def run(
             state = pipeline(
                 root=str(root), force=force, stages=stages, retries=retries, register=register, return_state=True
             )
-    if state.is_failed():
+    if state.is_failed() or state.is_cancelled():  # Cancelled: the project was busy (another run holds it)
         raise SegflowError(state.message)
     print(_report(state.result()))
     if temporary:

@@ -17,7 +17,8 @@ import threading
 import time
 from pathlib import Path
 
-from segflow.ops.deploy import ensure_pool
+from segflow.ops.deploy import ensure_pool, heartbeat_env
+from segflow.proc import process_identity
 
 #: Seconds the server may fail its health check before the worker is stopped (SEGFLOW_SERVER_GRACE_S).
 GRACE = 30.0
@@ -25,7 +26,12 @@ _EXCEPTION = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b:?")
 
 
 def worker_command(pool: str) -> list[str]:
-    return [str(Path(sys.executable).parent / "prefect"), "worker", "start", "--pool", pool, "--type", "process"]
+    """Prefect's process worker, on a leash (segflow/ops/leash.py): if ``segflow worker`` is killed, even by
+    SIGKILL, the leash stops Prefect's worker and the flow runs it started (its process group), whose
+    stages then stop on their own leashes and mark their runs CRASHED. Nothing trains on for a dead worker."""
+    prefect = [str(Path(sys.executable).parent / "prefect"), "worker", "start", "--pool", pool, "--type", "process"]
+    # A short grace: Prefect's worker takes its time over a SIGTERM, and its runs must not outlive us long.
+    return [sys.executable, "-m", "segflow.ops.leash", process_identity(), "--grace", "3", "--tree", "--", *prefect]
 
 
 class _Output:
@@ -76,7 +82,8 @@ def worker(root: Path, api: str, debug: bool = False) -> int:
     proc = subprocess.Popen(
         worker_command(pool),
         cwd=root,
-        env=stage_env(PREFECT_API_URL=api),
+        env=stage_env(PREFECT_API_URL=api, **heartbeat_env()),
+        start_new_session=True,  # the leash's own group: what it stops when we are gone
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
