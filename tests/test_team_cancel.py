@@ -24,7 +24,6 @@ import httpx
 import pytest
 
 from segflow.ops.env import stage_env
-from segflow.ops.server import free_port, healthy
 from tests.conftest import copy_project, run_children
 from tests.test_reliability import BIN, LONG, _outputs, _set
 
@@ -32,23 +31,11 @@ FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 
 
 @pytest.fixture(scope="module")
-def team(tmp_path_factory, reproduced) -> Iterator[dict]:
+def team(tmp_path_factory, reproduced, prefect_api) -> Iterator[dict]:
+    """A copy of the session's tiny project, deployed to the session's server (``segflow deploy``)."""
     base = tmp_path_factory.mktemp("team-cancel")
     project = copy_project(reproduced.path, base / "project")
-    state = {"project": project, "home": base / "prefect", "port": free_port(), "workers": []}
-    state["api"] = f"http://127.0.0.1:{state['port']}/api"
-    server = subprocess.Popen(
-        [str(BIN / "segflow"), "server", "--port", str(state["port"])],
-        cwd=project,
-        env=_env(state),
-        stdout=(base / "server.log").open("w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 180
-    while not healthy(state["api"]):
-        assert server.poll() is None and time.monotonic() < deadline, (base / "server.log").read_text()[-3000:]
-        time.sleep(0.5)
+    state = {"project": project, "home": base / "prefect", "api": prefect_api, "workers": []}
     deploy = subprocess.run(
         [str(BIN / "segflow"), "deploy"], cwd=project, env=_env(state), capture_output=True, text=True, timeout=300
     )
@@ -63,11 +50,6 @@ def team(tmp_path_factory, reproduced) -> Iterator[dict]:
         for worker in state["workers"]:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(worker.pid, signal.SIGKILL)
-        os.killpg(server.pid, signal.SIGINT)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
 
 
 def _env(state: dict, **extra: str) -> dict[str, str]:
@@ -298,3 +280,50 @@ def test_a_flow_run_process_ends_when_its_worker_is_gone():
     worker.kill()
     worker.wait()
     assert _until_gone(flow_run, 10)
+
+
+def test_deploy_creates_the_automation_that_crashes_silent_runs(team):
+    from segflow.ops.deploy import HEARTBEAT_S, MISSED_HEARTBEATS, ZOMBIE_AUTOMATION
+
+    found = httpx.post(f"{team['api']}/automations/filter", json={}, timeout=10).json()
+    (automation,) = [a for a in found if a["name"] == ZOMBIE_AUTOMATION]  # once, though deploy may run again
+    trigger = automation["trigger"]
+    assert trigger["posture"] == "Proactive" and trigger["within"] == HEARTBEAT_S * MISSED_HEARTBEATS
+    assert trigger["after"] == ["prefect.flow-run.heartbeat"] and "prefect.flow-run.Completed" in trigger["expect"]
+    assert [(a["type"], a["state"]) for a in automation["actions"]] == [("change-flow-run-state", "CRASHED")]
+
+
+@pytest.mark.slow  # 2-3 min: waits out the heartbeat window
+def test_a_machine_that_dies_whole_has_its_run_crashed_by_the_heartbeat_automation(team):
+    # Every process of the worker's "machine" at once (worker, leashes, flow run, stage): nobody is left
+    # to say so, and the server's automation marks the run CRASHED once its heartbeats stop.
+    from segflow.ops.deploy import HEARTBEAT_S, MISSED_HEARTBEATS
+
+    project = team["project"]
+    params = _set(project, LONG)
+    worker = _worker(team)
+    try:
+        run_id = _start(team)
+        _training(team, run_id)
+        time.sleep(HEARTBEAT_S + 5)  # a heartbeat was sent: the trigger is armed
+        victims = [worker.pid, *leash_descendants(worker.pid)]
+        for pid in victims:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)  # frozen first, so no process sees another die
+        for pid in victims:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        killed = time.monotonic()
+        run = _wait_state(team, run_id, FINAL, timeout=HEARTBEAT_S * MISSED_HEARTBEATS + 90)
+        took = time.monotonic() - killed
+    finally:
+        (project / "params.yaml").write_bytes(params)
+    assert run["state_type"] == "CRASHED", run["state"]
+    assert "no heartbeat" in run["state"]["message"], run["state"]
+    assert took <= HEARTBEAT_S * (MISSED_HEARTBEATS + 1) + 30, f"{took:.0f} s"
+
+
+def leash_descendants(pid: int) -> list[int]:
+    from segflow.ops.leash import descendants
+
+    return descendants(pid)

@@ -493,3 +493,44 @@ def test_max_minutes_counts_the_training_time_of_a_killed_run_after_resuming(pre
     assert summary["stopped_at"] == {"epoch": 2, "step": 1, "steps": steps}
     assert summary["train_minutes"] == pytest.approx(steps + 1, abs=0.1)
     assert not folder.exists(), "a finished run removes its checkpoints"
+
+
+@pytest.mark.slow  # 40-80 s: two training processes, one per "node"
+def test_two_nodes_on_one_box_train_one_model(project, tmp_path):
+    # The README's two-node command, as two node processes on 127.0.0.1 (gloo): NODE_RANK 0 in the project,
+    # NODE_RANK 1 in a copy of it (another machine's clone). Same final weights on both, one model written.
+    import shutil
+
+    from segflow.ops.server import free_port
+
+    two_nodes = {"train": {"devices": 1, "num_nodes": 2, "strategy": "ddp", "accelerator": "cpu", "epochs": 2}}
+    _set(project, two_nodes)
+    other = tmp_path / "node1"
+    try:
+        shutil.copytree(project, other, symlinks=True)
+        before = {p: p.read_bytes() for p in (other / "data/train").rglob("*") if p.is_file()}
+        port = str(free_port())
+        nodes = [
+            subprocess.Popen(
+                [sys.executable, "-m", "tasks.train"],
+                cwd=folder,
+                env=stage_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, NODE_RANK=str(rank), WORLD_SIZE="2"),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for rank, folder in enumerate((project, other))
+        ]
+        outputs = [node.communicate(timeout=600) for node in nodes]
+    finally:
+        _reset(project)
+    for node, (_, err) in zip(nodes, outputs, strict=True):
+        assert node.returncode == 0, err[-3000:]
+    digests = {}
+    for _, err in outputs:
+        digests.update(re.findall(r"rank (\d) of 2: final weights sha256 (\w+)", err))
+    assert set(digests) == {"0", "1"} and digests["0"] == digests["1"], digests
+    after = {p: p.read_bytes() for p in (other / "data/train").rglob("*") if p.is_file()}
+    assert after == before, "node 1 wrote nothing to its project"
+    assert (project / "data/train" / MODEL_DIR / "model.safetensors").is_file()
+    assert read_card(project / "data/train" / MODEL_DIR).training["epochs"] == 2
