@@ -47,6 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     server_parser = commands.add_parser("server", help="a local Prefect server and dashboard on 127.0.0.1")
     server_parser.add_argument("--port", type=int, default=4200, help="port (default 4200)")
+    server_parser.add_argument(
+        "--database",
+        metavar="URL",
+        help="the team's PostgreSQL, postgresql://USER:PASSWORD@HOST:5432/DB (default: "
+        "PREFECT_API_DATABASE_CONNECTION_URL, else SQLite in the Prefect home)",
+    )
     deploy_parser = commands.add_parser("deploy", help="create/update the scheduled 'retrain' deployment")
     deploy_parser.add_argument("--cron", help="schedule (default: schedule.cron in params.yaml)")
     commands.add_parser("worker", help="run a worker that executes scheduled runs, in this project")
@@ -102,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace, root: Path) -> int:
-    from segflow.ops import deploy, home, worker
+    from segflow.ops import deploy, worker
 
     if args.command == "stages":
         from segflow.ops.plan import stage_order
@@ -132,7 +138,7 @@ def _dispatch(args: argparse.Namespace, root: Path) -> int:
         )
         return 0
     if args.command == "server":
-        return home.serve(root, args.port)
+        return _server(root, args.port, args.database)
     if args.command == "deploy":
         from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -163,6 +169,19 @@ def _dispatch(args: argparse.Namespace, root: Path) -> int:
     if args.command == "predict":
         return _predict(root, args)
     return run(root, args.force, args.stages, args.retries, args.debug, args.register)
+
+
+def _server(root: Path, port: int, database: str | None) -> int:
+    from segflow.ops import home
+    from segflow.ops.database import DATABASE_VARIABLES, check_database, mask_password, server_database
+
+    url = server_database(database)
+    if url is None:
+        return home.serve(root, port)
+    check_database(url)  # one line now, not Prefect's traceback after its start-up
+    os.environ.update(dict.fromkeys(DATABASE_VARIABLES, url))  # how home.serve's server gets it
+    sqlite = f"(database in {home.prefect_home(root)})"
+    return home.serve(root, port, announce=lambda text: print(text.replace(sqlite, f"(database {mask_password(url)})")))
 
 
 def _compare(root: Path, args: argparse.Namespace) -> int:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import httpx
 
+from segflow.ops.database import DATABASE_VARIABLES, database_url, server_database
 from segflow.ops.env import stage_env
 from segflow.ops.leash import stop_group
 from segflow.proc import is_alive, process_identity
@@ -35,13 +36,21 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
-def server_env(home: Path, port: int, ui: bool = True, host: str = "127.0.0.1") -> dict[str, str]:
+def server_env(
+    home: Path, port: int, ui: bool = True, host: str = "127.0.0.1", database: str | None = None
+) -> dict[str, str]:
     """What ``prefect server start`` needs here: its own home (database), no telemetry, the UI told
     which port the API is on (Prefect's UI otherwise calls port 4200 whatever ``--port`` says), and
     concurrency leases kept on disk in that home (Prefect's default keeps them in the server's memory:
     a server killed with a training run would forget the run's ``gpu`` lease but not the slot it
-    took, and the slot would stay taken for good; on disk, the repossessor frees it once it expires)."""
+    took, and the slot would stay taken for good; on disk, the repossessor frees it once it expires).
+
+    The database is ``database``, else the one Prefect's ``PREFECT_API_DATABASE_CONNECTION_URL`` names
+    (:func:`segflow.ops.database.server_database`, in the driver form Prefect needs), else SQLite in
+    ``home``. It travels in the environment, never on a command line other users' ``ps`` shows."""
+    database = database_url(database) if database else server_database()
     return stage_env(
+        **(dict.fromkeys(DATABASE_VARIABLES, database) if database else {}),
         PREFECT_HOME=str(home),
         PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE="prefect.server.concurrency.lease_storage.filesystem",
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
