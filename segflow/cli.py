@@ -173,15 +173,13 @@ def _dispatch(args: argparse.Namespace, root: Path) -> int:
 
 def _server(root: Path, port: int, database: str | None) -> int:
     from segflow.ops import home
-    from segflow.ops.database import DATABASE_VARIABLES, check_database, mask_password, server_database
+    from segflow.ops.database import check_database, server_database
 
     url = server_database(database)
     if url is None:
         return home.serve(root, port)
     check_database(url)  # one line now, not Prefect's traceback after its start-up
-    os.environ.update(dict.fromkeys(DATABASE_VARIABLES, url))  # how home.serve's server gets it
-    sqlite = f"(database in {home.prefect_home(root)})"
-    return home.serve(root, port, announce=lambda text: print(text.replace(sqlite, f"(database {mask_password(url)})")))
+    return home.serve(root, port, database=url)
 
 
 def _compare(root: Path, args: argparse.Namespace) -> int:

@@ -210,3 +210,32 @@ def test_a_worker_whose_server_goes_away_ends_with_one_line(crash):
     last = output.strip().splitlines()[-1]
     assert last.startswith(f"segflow worker: error: the Prefect server at {_api(crash)} stopped answering"), output
     assert "Traceback" not in output
+
+
+def test_a_killed_segflow_server_takes_its_prefect_server_with_it(tmp_path):
+    # `segflow server` keeps Prefect's server on a leash: SIGKILL of segflow frees the port and database.
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = stage_env(PREFECT_HOME=str(tmp_path / "home"))
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.Popen(
+        [str(BIN / "segflow"), "--root", str(Path(__file__).parents[1]), "server", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while not healthy(api):
+            assert proc.poll() is None and time.monotonic() < deadline, "segflow server did not start"
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 20
+        while healthy(api) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not healthy(api), "Prefect's server outlived segflow server"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)

@@ -56,8 +56,19 @@ def require_api(root: Path) -> str:
     return api
 
 
-def serve(root: Path, port: int = 4200, announce=print) -> int:
-    """Run a Prefect server (API and dashboard) on 127.0.0.1:``port`` until interrupted; return its status."""
+def serve(root: Path, port: int = 4200, announce=print, database: str | None = None) -> int:
+    """Run a Prefect server (API and dashboard) on 127.0.0.1:``port`` until interrupted; return its status.
+
+    Args:
+        database: the server's database URL (see :func:`segflow.ops.server.server_env`; default SQLite
+            in the Prefect home, or what Prefect's database variable names).
+
+    The server runs on a leash (segflow/ops/leash.py): if this process is killed, even by SIGKILL, the
+    server stops too instead of holding the port and the database.
+    """
+    import sys
+
+    from segflow.ops.database import mask_password, server_database
     from segflow.ops.server import healthy, server_command, server_env
 
     home = prefect_home(root)
@@ -65,10 +76,14 @@ def serve(root: Path, port: int = 4200, announce=print) -> int:
     api = f"http://127.0.0.1:{port}/api"
     if healthy(api):
         raise SegflowError(f"a Prefect server already answers on port {port}; use it (export PREFECT_API_URL={api})")
-    server = subprocess.Popen(server_command(port), env=server_env(home, port, ui=True), cwd=root)
+    leash = [sys.executable, "-m", "segflow.ops.leash", process_identity(), "--grace", "10", "--"]
+    env = server_env(home, port, ui=True, database=database)
+    server = subprocess.Popen([*leash, *server_command(port)], env=env, cwd=root)
     _server_file(root).write_text(json.dumps({"api": api, "process": process_identity(server.pid)}))
+    url = database or server_database()
+    where = f"database {mask_password(url)}" if url else f"database in {home}"
     announce(
-        f"segflow: Prefect server for {root} (database in {home})\n"
+        f"segflow: Prefect server for {root} ({where})\n"
         f"  dashboard:  http://127.0.0.1:{port}\n"
         f"  in other terminals: export PREFECT_API_URL={api}\n"
         f"  (segflow run / deploy / worker in this project find it without that)\n"
