@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench._util import machine  # noqa: E402
 
-BENCHMARKS = ["pipeline", "ingest", "predict", "train", "encoders", "instance", "isbi_cells"]
+BENCHMARKS = ["pipeline", "ingest", "predict", "train", "encoders", "instance", "isbi_cells", "server_log"]
 DOC = ROOT / "docs" / "benchmarks.md"
 WORK = ROOT / "bench" / ".work"
 HEADER = """# Benchmarks

@@ -150,9 +150,9 @@ class _Progress:
     """A Prefect progress artifact that follows the ``epoch N/M`` lines of a stage: percent of the run.
 
     Lines within an epoch (``epoch 3/20, step 120/400: ...``) move it by the epoch's share of steps done,
-    and a validation line to the end of its epoch's training; those update the artifact at most every
-    :data:`PROGRESS_EVERY_S` seconds (the stage writes them at most every ``train.log_every_s`` already),
-    so a server write is never a per-step cost. A stop by ``train.max_minutes`` is 100%. The percent never
+    and a validation line to the end of its epoch's training. The artifact is written at most every
+    :data:`PROGRESS_EVERY_S` seconds, whatever the lines (the first write and 100% always), so a server
+    write is never a per-step or, with short epochs, a per-epoch cost. A stop by ``train.max_minutes`` is 100%. The percent never
     goes back (the epoch line after such a stop names an early epoch).
     """
 
@@ -164,10 +164,6 @@ class _Progress:
         if found := _EPOCH.search(line):
             percent = 100.0 * int(found.group(1)) / max(int(found.group(2)), 1)
         elif found := _WITHIN.search(line):
-            now = self._clock()
-            if self._within_at is not None and now - self._within_at < PROGRESS_EVERY_S:
-                return
-            self._within_at = now
             epoch, epochs, kind, done, total = found.groups()
             share = int(done) / max(int(total), 1) if kind == "step" else 1.0
             percent = 100.0 * (int(epoch) - 1 + min(share, 1.0)) / max(int(epochs), 1)
@@ -175,7 +171,17 @@ class _Progress:
             percent = 100.0
         else:
             return
-        percent = self.percent = max(self.percent, min(percent, 100.0))
+        percent = min(percent, 100.0)
+        if self.artifact is not None and percent <= self.percent:
+            return  # no progress to show (a validation line after the epoch's, a line after 100%)
+        now = self._clock()
+        # Short epochs would write once an epoch (each write is a server event, kept for days): at most one
+        # write per PROGRESS_EVERY_S, the first and the 100% always.
+        if self._within_at is not None and now - self._within_at < PROGRESS_EVERY_S and percent < 100.0:
+            self.percent = max(self.percent, percent)
+            return
+        self._within_at = now
+        percent = self.percent = max(self.percent, percent)
         description = f"{self.stage}: {line.split('] INFO ', 1)[-1]}"
         if self.artifact is None:
             self.artifact = create_progress_artifact(
