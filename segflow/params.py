@@ -625,6 +625,9 @@ class RegisterParams(_Section):
     #: was registered (added, removed or relabelled images), so the gate compares like with like; cached per
     #: (version, split). false: compare with the champion's score on its own split (a frozen test set).
     rescore: bool = True
+    #: Push the registration commit and its tags to the git remote ``origin`` (after ``dvc push``), so the
+    #: other clones see the version after ``git fetch --tags``: auto pushes when there is an origin.
+    push: Literal["auto"] | bool = "auto"
 
     @model_validator(mode="before")
     @classmethod

@@ -13,7 +13,9 @@ with the orchestration, not in a stage. :func:`register`:
 4. pushes to the DVC remote when there is one, commits the model card
    (``registry/<model>/card.md`` and ``card.json``), tags the next version with
    a JSON message (metrics, data and model hashes, params digest, commit), and
-   assigns the stage when the candidate wins (or nothing holds it yet)."""
+   assigns the stage when the candidate wins (or nothing holds it yet);
+5. pushes the registration commit and its tags to git's ``origin`` when there is one (``register.push``;
+   :mod:`segflow.registry.publish`), merging origin's branch first when another machine pushed."""
 
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from segflow.layout import METRICS, read_scores
 from segflow.ops.plan import dvc, has_remote
 from segflow.params import Params, load_params
 from segflow.proc import Held, exclusive
-from segflow.registry import card
+from segflow.registry import card, publish
 from segflow.registry.fetch import versions
 from segflow.registry.gate import decide, fair_champion, metric_of, next_version
 from segflow.registry.git import git
@@ -123,9 +125,14 @@ def register(root: Path | str = ".", commit: bool | None = None, allow_dirty: bo
     """
     root = Path(root).resolve()
     params = load_params(root / "params.yaml")
+    push = publish.wanted(root, params.register.push)  # register.push: true without an origin fails first
     try:
         with exclusive(root / LOCK_FILE):
-            return _register(root, params, params.register.commit if commit is None else commit, allow_dirty)
+            before = git(root, "rev-parse", "HEAD", check=False).strip()
+            outcome = _register(root, params, params.register.commit if commit is None else commit, allow_dirty)
+            if push and (outcome.get("registered") or outcome["completed"]):
+                outcome["pushed"] = _push(root, params.register.model, outcome, before)
+            return outcome
     except Held as held:
         raise SegflowError(
             f"{root}: another segflow register is registering in this repository ({held.holder}); "
@@ -232,6 +239,18 @@ def _register(root: Path, params: Params, commit: bool, allow_dirty: bool) -> di
     }
 
 
+def _push(root: Path, model: str, outcome: dict, before: str) -> dict:
+    """The registration (or the interrupted one just completed) pushed to origin: its commit and tags."""
+    path = f"{REGISTRY_DIR}/{model}/card.json"
+    commit = outcome.get("commit") or git(root, "log", "-n", "1", "--format=%H", "--", path).strip()
+    if not has_remote(root):
+        outcome["warnings"].append(
+            "origin gets the tags but no DVC remote holds the model's files, so other clones cannot fetch it: "
+            "add one (dvc remote add -d NAME URL), then dvc push"
+        )
+    return publish.publish(root, model, commit, before or commit)
+
+
 def _fault(point: str) -> None:
     """Test-only fault injection: ``SEGFLOW_FAULT=register:<point>`` SIGKILLs this process there."""
     if os.environ.get(FAULT_ENV) == f"register:{point}":
@@ -327,8 +346,14 @@ def summary_line(outcome: dict) -> str:
     champion = (
         f"against {outcome['champion_version']} {outcome['champion']:.4f}" if outcome["champion"] is not None else ""
     )
+    pushed = outcome.get("pushed")
+    count = f"{len(pushed['tags'])} tag{'s' if len(pushed['tags']) != 1 else ''}" if pushed else ""
+    shared = f"; pushed to origin ({pushed['branch'] or 'tags only'}, {count})" if pushed else ""
+    if pushed and pushed["merged"]:
+        shared += f" after merging origin's {pushed['branch']} (another machine pushed first)"
     if outcome["promoted"]:
         return (
-            f"{outcome['tag']} registered and promoted to {outcome['stage']}: {metric} {champion} ({outcome['reason']})"
+            f"{outcome['tag']} registered and promoted to {outcome['stage']}: {metric} {champion} "
+            f"({outcome['reason']}){shared}"
         )
-    return f"{outcome['tag']} registered, not promoted: {metric} {champion}; {outcome['reason']}"
+    return f"{outcome['tag']} registered, not promoted: {metric} {champion}; {outcome['reason']}{shared}"
