@@ -77,8 +77,10 @@ def _worker(state: dict) -> subprocess.Popen:
 
 
 def _start(state: dict) -> str:
+    """A run of the deployment, as the dashboard's Run starts one; without the registration at its end (these
+    tests are about stopping runs; tests/test_team_s3.py runs the whole scheduled retrain)."""
     url = f"{state['api']}/deployments/{state['deployment']['id']}/create_flow_run"
-    return httpx.post(url, json={}, timeout=10).json()["id"]
+    return httpx.post(url, json={"parameters": {"register": False}}, timeout=10).json()["id"]
 
 
 def _flow_run(state: dict, run_id: str) -> dict:
@@ -162,6 +164,7 @@ def test_a_killed_worker_leaves_no_stage_its_run_crashes_and_the_next_run_resume
         killed = time.monotonic()
         worker.send_signal(signal.SIGKILL)  # the worker alone: its machine's other processes must follow it
         worker.wait(timeout=10)
+        _worker(team)  # the next one starts meanwhile (it takes a few seconds)
         left = _gone_within(project, 20)
         run = _wait_state(team, run_id, FINAL, timeout=90)
         crashed_after = time.monotonic() - killed
@@ -169,7 +172,6 @@ def test_a_killed_worker_leaves_no_stage_its_run_crashes_and_the_next_run_resume
         assert run["state_type"] == "CRASHED", run["state"]
         assert crashed_after < 90, f"RUNNING for {crashed_after:.0f} s after the kill"
 
-        _worker(team)
         again = _wait_state(team, _start(team), FINAL, timeout=300)
     finally:
         (project / "params.yaml").write_bytes(params)
