@@ -17,6 +17,29 @@ from segflow.ops.env import machine, stage_env  # noqa: F401 (benchmarks take ma
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
+#: A tiny seeded configuration: 24 synthetic 32-px scenes, a narrow U-Net, one epoch on the CPU (the tests'
+#: shared project and the benchmarks that need a real but quick run).
+TINY = {
+    "seed": 3,
+    "ingest": {
+        "workers": 1,
+        "val_fraction": 0.2,
+        "test_fraction": 0.2,
+        "synthetic": {"num_images": 24, "image_size": 32, "min_objects": 1, "max_objects": 3},
+    },
+    "augment": {"crop_size": 32, "preview_samples": 2},
+    "train": {
+        "arch": "Unet",
+        "encoder": "resnet18",
+        "encoder_depth": 3,
+        "decoder_channels": [16, 8, 4],
+        "epochs": 1,
+        "batch_size": 4,
+        "accelerator": "cpu",
+    },
+    "evaluate": {"preview_samples": 2},
+}
+
 # What a pipeline needs from the repository; its outputs and lock are not copied.
 PROJECT_FILES = ("dvc.yaml", ".dvcignore", ".gitignore", ".dvc/config", ".dvc/.gitignore", "data/raw/README.md")
 

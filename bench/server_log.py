@@ -17,23 +17,10 @@ from pathlib import Path
 import httpx
 import yaml
 
-from bench._util import BIN, env, fresh_project, merge, timed
+from bench._util import BIN, TINY, env, fresh_project, merge, timed
 from segflow.ops.runner import PROGRESS_EVERY_S
 
 TITLE = "Prefect server database growth from training runs (log volume)"
-
-TINY = {
-    "seed": 3,
-    "ingest": {
-        "workers": 1,
-        "val_fraction": 0.2,
-        "test_fraction": 0.2,
-        "synthetic": {"num_images": 24, "image_size": 32, "min_objects": 1, "max_objects": 3},
-    },
-    "augment": {"crop_size": 32, "preview_samples": 2},
-    "train": {"arch": "Unet", "encoder": "resnet18", "encoder_depth": 3, "decoder_channels": [16, 8, 4]},
-    "evaluate": {"preview_samples": 2},
-}
 
 
 def _database(home: Path) -> int:

@@ -17,6 +17,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest
 
+from bench._util import TINY
 from segflow.params import Params, parse_params
 
 # pytest-xdist's workers ignore SIGINT (the controller handles Ctrl-C), and an ignored signal is inherited
@@ -29,27 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # The real ISBI 2012 membrane set, read in place (never copied); SEGFLOW_ISBI2012 points elsewhere.
 ISBI = Path(os.environ.get("SEGFLOW_ISBI2012", ROOT.parent / "shared" / "datasets" / "isbi2012-membrane"))
 
-# A configuration small enough for a CPU test: 32x32 scenes, a shallow net, one epoch.
-TINY = {
-    "seed": 3,
-    "ingest": {
-        "workers": 1,
-        "val_fraction": 0.2,
-        "test_fraction": 0.2,
-        "synthetic": {"num_images": 24, "image_size": 32, "min_objects": 1, "max_objects": 3},
-    },
-    "augment": {"crop_size": 32, "preview_samples": 2},
-    "train": {
-        "arch": "Unet",
-        "encoder": "resnet18",
-        "encoder_depth": 3,
-        "decoder_channels": [16, 8, 4],
-        "epochs": 1,
-        "batch_size": 4,
-        "accelerator": "cpu",
-    },
-    "evaluate": {"preview_samples": 2},
-}
+# TINY (bench/_util.py): a configuration small enough for a CPU test: 32x32 scenes, a shallow net, one epoch.
 
 
 @pytest.fixture(autouse=True)

@@ -30,25 +30,9 @@ from segflow.proc import is_alive
 GRACE = 20.0
 
 
-def group_members(pgid: int, exclude: int | None = None) -> list[int]:
-    """Live (non-zombie) processes of process group ``pgid`` (Linux /proc)."""
-    members = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == exclude:
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            members.append(int(entry))
-    return members
-
-
-def descendants(pid: int) -> list[int]:
-    """Every live descendant of ``pid``, whatever session or group it moved to (Linux /proc), parents first."""
-    children: dict[int, list[int]] = {}
+def _processes() -> list[tuple[int, str, int, int]]:
+    """(pid, state, parent pid, process group) of every process (Linux /proc)."""
+    found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -57,8 +41,21 @@ def descendants(pid: int) -> list[int]:
                 fields = stat.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if fields[0] != "Z":
-            children.setdefault(int(fields[1]), []).append(int(entry))
+        found.append((int(entry), fields[0], int(fields[1]), int(fields[2])))
+    return found
+
+
+def group_members(pgid: int, exclude: int | None = None) -> list[int]:
+    """Live (non-zombie) processes of process group ``pgid``."""
+    return [pid for pid, state, _, group in _processes() if state != "Z" and group == pgid and pid != exclude]
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid``, whatever session or group it moved to, parents first."""
+    children: dict[int, list[int]] = {}
+    for child, state, parent, _ in _processes():
+        if state != "Z":
+            children.setdefault(parent, []).append(child)
     found, todo = [], [pid]
     while todo:
         for child in children.get(todo.pop(0), []):
