@@ -170,7 +170,8 @@ def test_a_killed_worker_leaves_no_stage_its_run_crashes_and_the_next_run_resume
         crashed_after = time.monotonic() - killed
         assert not left, left
         assert run["state_type"] == "CRASHED", run["state"]
-        assert crashed_after < 90, f"RUNNING for {crashed_after:.0f} s after the kill"
+        # Marked by the run itself or its stage's leash, not left to the heartbeat automation's 90 s.
+        assert "no heartbeat" not in (run["state"]["message"] or ""), f"{run['state']} after {crashed_after:.0f} s"
 
         again = _wait_state(team, _start(team), FINAL, timeout=300)
     finally:

@@ -50,6 +50,11 @@ def group_members(pgid: int, exclude: int | None = None) -> list[int]:
     return [pid for pid, state, _, group in _processes() if state != "Z" and group == pgid and pid != exclude]
 
 
+def children(pid: int) -> list[int]:
+    """The live children of ``pid``."""
+    return [child for child, state, parent, _ in _processes() if parent == pid and state != "Z"]
+
+
 def descendants(pid: int) -> list[int]:
     """Every live descendant of ``pid``, whatever session or group it moved to, parents first."""
     children: dict[int, list[int]] = {}
@@ -148,13 +153,19 @@ def main(argv: list[str]) -> int:
         if not is_alive(parent):
             pid = parent.split(":")[0]
             # No output here: the parent held the other end of our stdout, and it is gone.
-            # --tree: also what the command started in sessions of their own (a worker's flow runs), found
-            # while the command still lives to link them to it; they get the same SIGTERM, then SIGKILL.
-            if tree:
-                own = os.getpgid(0)
-                started = [p for p in descendants(child.pid) if _group(p) not in (own, None)]
-                stop_processes([*group_members(own, exclude=os.getpid()), *started], grace=grace)
-            stop_group(os.getpgid(0), grace=grace, exclude=os.getpid())
+            # --tree: the command's children in sessions of their own (a worker's flow runs), found while the
+            # command still lives to link them to it. Each first gets the grace period to end on its own once the
+            # command is gone (a segflow flow run watches its worker: it marks itself CRASHED and its stage's
+            # leash puts the outputs back); what is left then gets SIGTERM, then SIGKILL. Their own children
+            # (stages) are left to their own leashes: a second SIGTERM could cut a stage's clean-up short.
+            own = os.getpgid(0)
+            started = [p for p in children(child.pid) if _group(p) not in (own, None)] if tree else []
+            stop_group(own, grace=grace, exclude=os.getpid())
+            if started:
+                deadline = time.monotonic() + grace
+                while (started := [p for p in started if _running(p)]) and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                stop_processes(started, grace=grace)
             # A stage stopped in the middle of its clean-up (or by the SIGKILL after the grace period)
             # may leave its scratch folder; its process is gone now, so remove it here, not next run.
             from segflow.stage import prune_scratch

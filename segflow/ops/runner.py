@@ -152,8 +152,8 @@ class _Progress:
     Lines within an epoch (``epoch 3/20, step 120/400: ...``) move it by the epoch's share of steps done,
     and a validation line to the end of its epoch's training. The artifact is written at most every
     :data:`PROGRESS_EVERY_S` seconds, whatever the lines (the first write and 100% always), so a server
-    write is never a per-step or, with short epochs, a per-epoch cost. A stop by ``train.max_minutes`` is 100%. The percent never
-    goes back (the epoch line after such a stop names an early epoch).
+    write is never a per-step or, with short epochs, a per-epoch cost. A stop by ``train.max_minutes``
+    is 100%. The percent never goes back (the epoch line after such a stop names an early epoch).
     """
 
     def __init__(self, stage: str, clock=time.monotonic):

@@ -31,7 +31,7 @@ def worker_command(pool: str) -> list[str]:
     stages then stop on their own leashes and mark their runs CRASHED. Nothing trains on for a dead worker."""
     prefect = [str(Path(sys.executable).parent / "prefect"), "worker", "start", "--pool", pool, "--type", "process"]
     # A short grace: Prefect's worker takes its time over a SIGTERM, and its runs must not outlive us long.
-    return [sys.executable, "-m", "segflow.ops.leash", process_identity(), "--grace", "3", "--tree", "--", *prefect]
+    return [sys.executable, "-m", "segflow.ops.leash", process_identity(), "--grace", "5", "--tree", "--", *prefect]
 
 
 class _Output:
