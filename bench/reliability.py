@@ -240,6 +240,37 @@ PROMISES = [
         "A frozen test set (`segflow freeze-test`) stays exactly itself as the data grows; no earlier image moves",
         ["tests/test_ingest.py::test_a_frozen_test_set_stays_exactly_itself_as_the_data_grows"],
     ),
+    (
+        "Cancelling a deployment run through the API while `train` runs (the dashboard's Cancel): no stage process "
+        "20 s later, the run CANCELLED, the last good model byte-identical",
+        ["tests/test_team_cancel.py::test_cancel_from_the_dashboard_stops_the_stage_and_keeps_the_last_good_model"],
+    ),
+    (
+        "A `segflow worker` killed with SIGKILL mid-train: no stage process 20 s later, the run marked CRASHED by "
+        "itself (not left RUNNING), the next run resumes from the checkpoint; the leash and the run's watch of its "
+        "worker on their own",
+        [
+            "tests/test_team_cancel.py::test_a_killed_worker_leaves_no_stage_its_run_crashes_and_the_next_run_resumes",
+            "tests/test_team_cancel.py::test_a_leash_with_tree_also_stops_what_its_command_started_in_other_sessions",
+            "tests/test_team_cancel.py::test_a_flow_run_process_ends_when_its_worker_is_gone",
+        ],
+    ),
+    (
+        "A run that finds the project held by another pipeline ends Cancelled (Busy) with one line; `segflow "
+        "deploy` creates the heartbeat automation that crashes runs of machines that died whole",
+        [
+            "tests/test_team_cancel.py::test_a_run_that_finds_the_project_busy_ends_cancelled_with_one_line",
+            "tests/test_team_cancel.py::test_deploy_creates_the_automation_that_crashes_silent_runs",
+        ],
+    ),
+    (
+        "A SIGKILLed `segflow server` takes Prefect's server with it (port and database freed)",
+        ["tests/test_crash.py::test_a_killed_segflow_server_takes_its_prefect_server_with_it"],
+    ),
+    (
+        "The run history on PostgreSQL survives a restart of the server; a bad database is one line",
+        ["tests/test_team_postgres.py"],
+    ),
 ]
 
 REPRODUCIBILITY = """\
@@ -288,7 +319,7 @@ def run_tests(ids: list[str], report: Path) -> dict[str, tuple[str, float]]:
 
 
 def _result(test: str, results: dict) -> str:
-    cases = {k: v for k, v in results.items() if k == test or k.startswith(test + "[")}
+    cases = {k: v for k, v in results.items() if k == test or k.startswith((test + "[", test + "::"))}  # a file: all
     if not cases:
         return "not run"
     outcomes = sorted({outcome for outcome, _ in cases.values()})
