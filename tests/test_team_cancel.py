@@ -24,6 +24,7 @@ import httpx
 import pytest
 
 from segflow.ops.env import stage_env
+from segflow.ops.leash import descendants
 from tests.conftest import copy_project, run_children
 from tests.test_reliability import BIN, LONG, _outputs, _set
 
@@ -309,7 +310,7 @@ def test_a_machine_that_dies_whole_has_its_run_crashed_by_the_heartbeat_automati
         run_id = _start(team)
         _training(team, run_id)
         time.sleep(HEARTBEAT_S + 5)  # a heartbeat was sent: the trigger is armed
-        victims = [worker.pid, *leash_descendants(worker.pid)]
+        victims = [worker.pid, *descendants(worker.pid)]
         for pid in victims:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGSTOP)  # frozen first, so no process sees another die
@@ -324,9 +325,3 @@ def test_a_machine_that_dies_whole_has_its_run_crashed_by_the_heartbeat_automati
     assert run["state_type"] == "CRASHED", run["state"]
     assert "no heartbeat" in run["state"]["message"], run["state"]
     assert took <= HEARTBEAT_S * (MISSED_HEARTBEATS + 1) + 30, f"{took:.0f} s"
-
-
-def leash_descendants(pid: int) -> list[int]:
-    from segflow.ops.leash import descendants
-
-    return descendants(pid)
