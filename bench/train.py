@@ -12,6 +12,9 @@ do: on the CPU they train ~20% slower than real images): no data loading, no
 Lightning, no logging. It is
 the ceiling the stage is measured against.
 
+On a CPU with native bf16 (AVX512-BF16 or AMX) the CPU profile adds the stage with
+``precision: bf16-mixed`` (channels_last follows it on ``auto``) and its bare loop.
+
 On a CUDA machine a second profile runs on the GPU (the issue's shape: Unet
 resnet18, decoder 256-128-64-32-16, batch 32, 256x256 crops, ~560 training
 images, bf16) with bare loops in both memory formats.
@@ -103,7 +106,9 @@ def _real_batches(project: Path, batch_size: int, device: str, channels_last: bo
     return batches
 
 
-def bare_loop(project: Path, device: str, channels_last: bool, window_steps: int, windows: int) -> dict:
+def bare_loop(
+    project: Path, device: str, channels_last: bool, window_steps: int, windows: int, precision: str | None = None
+) -> dict:
     """Train the stage's model on batches already on ``device``: images/s per window of ``window_steps``
     steps (a stage epoch's worth), best and median over ``windows`` windows, and peak memory."""
     import resource
@@ -124,7 +129,7 @@ def bare_loop(project: Path, device: str, channels_last: bool, window_steps: int
     model.train()
     loss_fn = build_loss(cfg.loss)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device == "cuda")
-    precision = resolve_precision(cfg.precision, cfg.accelerator)
+    precision = resolve_precision(precision or cfg.precision, cfg.accelerator)
     dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
     scaler = torch.amp.GradScaler(enabled=dtype is torch.float16)
     # Real batches (speed depends on the data: random tensors run ~20% slower on this CPU), made once.
@@ -170,18 +175,28 @@ def _profile(work: Path, name: str) -> list[str]:
     device = "cuda" if name == "gpu" else "cpu"
     profile = PROFILES[name]
     default = stage(work / f"{name}-default", profile)
-    rows = [("train stage, defaults", default)]
-    if name == "cpu":
-        rows.append(("train stage, num_workers: 1", stage(work / "cpu-workers1", profile, num_workers=1)))
-        formats = [False]
-    else:
-        rows.append(("train stage, channels_last: false", stage(work / "gpu-nchw", profile, channels_last=False)))
-        formats = [False, True]
+    rows = [("train stage, defaults", default, "fp32" if name == "cpu" else "bf16")]
     windows = max(3, default["epochs"] - 1)
-    bare = {fmt: bare_loop(default["project"], device, fmt, default["steps_per_epoch"], windows) for fmt in formats}
-    reference = bare[formats[-1]]["images_per_s"]
-    for fmt in formats:
-        rows.append((f"bare loop, {'channels_last' if fmt else 'NCHW'}, tensors on the device", bare[fmt]))
+    steps = default["steps_per_epoch"]
+    if name == "cpu":
+        from segflow.training.hardware import cpu_has_native_bf16
+
+        rows.append(("train stage, num_workers: 1", stage(work / "cpu-workers1", profile, num_workers=1), "fp32"))
+        loops = [(False, "32-true")]
+        if cpu_has_native_bf16():  # the recipes' CPU setting (channels_last follows it on auto)
+            bf16 = stage(work / "cpu-bf16", profile, precision="bf16-mixed")
+            rows.append(("train stage, precision: bf16-mixed", bf16, "bf16"))
+            loops.append((True, "bf16-mixed"))
+    else:
+        nchw = stage(work / "gpu-nchw", profile, channels_last=False)
+        rows.append(("train stage, channels_last: false", nchw, "bf16"))
+        loops = [(False, None), (True, None)]
+    references = {}
+    for fmt, precision in loops:
+        bare = bare_loop(default["project"], device, fmt, steps, windows, precision)
+        kind = "bf16" if (precision or "bf16").startswith("bf16") else "fp32"
+        references[kind] = bare["images_per_s"]  # the last (channels_last on the GPU) is the ceiling
+        rows.append((f"bare loop, {'channels_last' if fmt else 'NCHW'}, {kind}, tensors on the device", bare, kind))
     cfg = profile["train"]
     size = profile["augment"]["crop_size"]
     memory = "peak CUDA MiB" if device == "cuda" else "peak RSS MiB"
@@ -189,17 +204,17 @@ def _profile(work: Path, name: str) -> list[str]:
     lines = [
         f"**{name.upper()}** ({where}): "
         f"Unet {cfg.get('encoder_depth', 4)}-level resnet18, batch {cfg['batch_size']}, {size}x{size} crops, "
-        f"{'bf16 mixed' if device == 'cuda' else 'fp32'}, {cfg['epochs']} epochs.",
+        f"{'bf16 mixed' if device == 'cuda' else 'fp32 unless named'}, {cfg['epochs']} epochs.",
         "",
-        f"| what ran | train images/s (best epoch) | median | share of the bare loop"
+        f"| what ran | train images/s (best epoch) | median | share of the bare loop of its precision"
         f"{' (channels_last)' if device == 'cuda' else ''} | data-wait share | {memory} |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    for label, row in rows:
+    for label, row, kind in rows:
         wait = f"{row['data_wait_share']:.1%}" if "data_wait_share" in row else "-"
         lines.append(
             f"| {label} | {row['images_per_s']:.1f} | {row['median_images_per_s']:.1f} "
-            f"| {row['images_per_s'] / reference:.2f} | {wait} "
+            f"| {row['images_per_s'] / references[kind]:.2f} | {wait} "
             f"| {row['peak_mb']:.0f} |"
         )
     lines += [

@@ -476,7 +476,7 @@ class TrainParams(SharedTrainParams):
     #: val/loss, or val/iou_<class>; ``mode`` auto = min for losses, max for scores.
     monitor: str = Field("val/iou_macro", pattern=r"^(val/(iou_macro|dice_macro|loss|iou_\w+)|train/loss)$")
     #: channels_last memory format for the model and its inputs (faster convolutions on tensor cores).
-    #: auto = on CUDA, not on the CPU.
+    #: auto = on CUDA, and on the CPU with bf16 mixed precision (1.3x faster there); not for fp32 on the CPU.
     channels_last: Literal["auto"] | bool = "auto"
 
     @field_validator("class_weights", mode="before")
@@ -490,9 +490,11 @@ class TrainParams(SharedTrainParams):
                 return [float(w) for w in value]
         raise ValueError(f"must be null, median_frequency or a list of positive numbers, one per class (got {value!r})")
 
-    def use_channels_last(self, on_gpu: bool) -> bool:
-        """Whether ``channels_last`` (auto: on a GPU) applies."""
-        return on_gpu if self.channels_last == "auto" else self.channels_last
+    def use_channels_last(self, on_gpu: bool, precision: str = "32-true") -> bool:
+        """Whether ``channels_last`` applies (auto: on a GPU, or with bf16 mixed precision on the CPU)."""
+        if self.channels_last != "auto":
+            return self.channels_last
+        return on_gpu or precision.startswith("bf16")
 
     @model_validator(mode="after")
     def _decoder_depth(self) -> TrainParams:

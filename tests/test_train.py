@@ -185,6 +185,27 @@ def test_precision_auto_is_fp32_on_cpu_and_mixed_on_gpu(monkeypatch):
     assert hardware.resolve_precision("auto", "gpu") == "16-mixed"
 
 
+def test_bf16_on_a_cpu_that_must_emulate_it_is_kept_but_warned_about(monkeypatch, caplog):
+    monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: True)
+    with caplog.at_level("WARNING", logger=hardware.__name__):
+        assert hardware.resolve_precision("bf16-mixed", "cpu") == "bf16-mixed"
+    assert not caplog.records
+    monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: False)
+    with caplog.at_level("WARNING", logger=hardware.__name__):
+        assert hardware.resolve_precision("bf16-mixed", "cpu") == "bf16-mixed"
+    (record,) = caplog.records
+    assert "without native bf16" in record.getMessage() and "train.precision: auto" in record.getMessage()
+
+
+def test_channels_last_auto_follows_the_gpu_and_bf16_on_the_cpu():
+    auto = SMALL.model_copy(update={"channels_last": "auto"})
+    assert auto.use_channels_last(True) and auto.use_channels_last(True, "32-true")
+    assert not auto.use_channels_last(False, "32-true")
+    assert auto.use_channels_last(False, "bf16-mixed")
+    assert not SMALL.model_copy(update={"channels_last": False}).use_channels_last(False, "bf16-mixed")
+    assert SMALL.model_copy(update={"channels_last": True}).use_channels_last(False, "32-true")
+
+
 def test_stage_run_writes_model_and_metrics(tiny_params, tiny_paths, prepared):
     summary = train.run(tiny_params, tiny_paths)
     model_dir = tiny_paths.train / MODEL_DIR

@@ -170,15 +170,15 @@ def run(params: Params, paths: Paths, checkpoint_root: Path | None = None, start
     data_ready = time.perf_counter()
 
     gpu = on_gpu(cfg.accelerator)
+    precision = resolve_precision(cfg.precision, cfg.accelerator)
     module = SegmentationModule(
         factory.build(cfg, num_classes, channels),
         cfg,
         params.classes,
-        channels_last=cfg.use_channels_last(gpu),
+        channels_last=cfg.use_channels_last(gpu, precision),
         compile=cfg.compile,
         class_weights=class_weights,
     )
-    precision = resolve_precision(cfg.precision, cfg.accelerator)
     # Under DDP the validation scores are computed from counts already summed over processes and the perf
     # figures are rank 0's: Lightning's advice to sync each of them again does not apply.
     warnings.filterwarnings("ignore", message=r".*sync_dist=True.*", category=UserWarning)
