@@ -51,7 +51,7 @@ def build_train_transform(params: AugmentParams, seed: int, channels: int = 3) -
         steps = recipes.build(recipes.with_crop(params.train_recipe()), params.crop_size)
     except ValueError as error:
         raise SegflowError(f"params.yaml: augment (preset {params.preset}): {error}") from None
-    return A.Compose([*steps, A.Normalize(mean=mean, std=std)], seed=seed)
+    return recipes.reseed(A.Compose([*steps, A.Normalize(mean=mean, std=std)]), seed)
 
 
 def build_eval_transform(params: AugmentParams, channels: int = 3) -> A.Compose:
@@ -65,7 +65,7 @@ def build_eval_transform(params: AugmentParams, channels: int = 3) -> A.Compose:
         pixel = recipes.build(params.eval, None)
     except ValueError as error:
         raise SegflowError(f"params.yaml: augment.eval: {error}") from None
-    return A.Compose(
+    pipeline = A.Compose(
         [
             *pixel,
             A.PadIfNeeded(
@@ -79,9 +79,9 @@ def build_eval_transform(params: AugmentParams, channels: int = 3) -> A.Compose:
                 border_mode=cv2.BORDER_REFLECT_101,
             ),
             A.Normalize(mean=mean, std=std),
-        ],
-        seed=0,  # any random pixel transform in augment.eval is the same on every run
+        ]
     )
+    return recipes.reseed(pipeline, 0)  # any random pixel transform in augment.eval is the same on every run
 
 
 def denormalize(image: np.ndarray, params: AugmentParams) -> np.ndarray:

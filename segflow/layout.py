@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
+from segflow import recipes
 from segflow.errors import SegflowError
 
 # ${paths.ingest}/
@@ -126,7 +127,7 @@ def load_transform(path: Path, seed: int | None = None):
     except (ValueError, KeyError, TypeError) as error:
         raise SegflowError(f"{path}: not an albumentations pipeline ({error}); rerun dvc repro augment") from None
     if seed is not None:
-        transform.set_random_seed(seed)
+        recipes.reseed(transform, seed)
     return transform
 
 

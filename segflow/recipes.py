@@ -30,8 +30,11 @@ import functools
 import importlib.metadata
 import inspect
 import json
+import random
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 CATALOGUE = Path(__file__).with_name("transforms.json")
 #: Our own recipe step: pad to crop_size (padding ignored), then a random crop of that size.
@@ -359,3 +362,18 @@ def write_catalogue(path: Path = CATALOGUE) -> None:
 
 if __name__ == "__main__":
     write_catalogue()
+
+
+def reseed(pipeline: Any, seed: int | None) -> Any:
+    """Seed an albumentations pipeline so that its transforms take turns drawing from one random stream.
+
+    albumentations 2.0's own seeding (``Compose(seed=...)`` and ``Compose.set_random_seed``) gives every
+    transform inside the pipeline a generator made from the same seed, so each draws the same numbers: all
+    transforms with the same ``p`` are applied together or skipped together (a horizontal flip always comes
+    with the vertical flip, the rotation and every warp of p 0.5), and half the samples are not augmented at
+    all. Generators shared by the whole pipeline make the draws independent and still reproducible
+    (tests/test_recipes.py). Returns the pipeline.
+    """
+    pipeline.seed = seed
+    pipeline.set_random_state(np.random.default_rng(seed), random.Random(seed))
+    return pipeline

@@ -159,3 +159,46 @@ def test_eval_pixel_transforms_reach_validation_and_prediction_alike():
     predicted = Predictor(lambda x: x, card).prepare(image)
     assert np.allclose(validated[..., 0], 1 - image[..., 0] / 255)
     assert np.allclose(predicted[0], validated[..., 0], atol=1e-6)
+
+
+def _corner(pipeline, seed: int) -> tuple[int, ...]:
+    """Where the marked top-left quarter of a 64x64 mask ends up after ``pipeline`` seeded with ``seed``."""
+    mask = np.zeros((64, 64), np.uint8)
+    mask[:32, :32] = 1
+    recipes.reseed(pipeline, seed)
+    out = pipeline(image=np.zeros((64, 64, 3), np.uint8), mask=mask)["mask"]
+    return tuple(int(out[y : y + 32, x : x + 32].mean() > 0.5) for y in (0, 32) for x in (0, 32))
+
+
+def test_seeded_pipelines_draw_each_transform_independently_and_reproducibly():
+    """albumentations 2.0 seeds every transform of a Compose alike, so flips of one p fire together and half
+    the samples get no augmentation: reseed shares one stream, and the microscopy preset's two flips and its
+    rotation then send the marked corner to each of the four corners about equally often."""
+    import albumentations as A
+
+    params = AugmentParams(preset="microscopy", crop_size=64)
+    flips = [
+        t
+        for t in augment.build_train_transform(params, 0).transforms
+        if type(t).__name__ in ("HorizontalFlip", "VerticalFlip", "RandomRotate90")
+    ]
+    assert [type(t).__name__ for t in flips] == ["HorizontalFlip", "VerticalFlip", "RandomRotate90"]
+    pipeline = A.Compose(flips)
+    seeds = np.random.default_rng(0).integers(0, 2**32, size=400)
+    shares = np.mean([_corner(pipeline, int(s)) for s in seeds], axis=0)
+    assert shares.sum() == pytest.approx(1.0)
+    assert all(0.17 < share < 0.33 for share in shares), shares  # albumentations' own seeding: 0.5 top-left
+
+    assert _corner(pipeline, 7) == _corner(pipeline, 7)  # the same seed, the same sample
+
+
+def test_the_saved_training_pipeline_is_seeded_per_sample_with_independent_draws(tmp_path):
+    import albumentations as A
+
+    from segflow.layout import load_transform
+
+    pipeline = augment.build_train_transform(AugmentParams(preset="default", crop_size=64), 0)
+    A.save(pipeline, str(tmp_path / "train.json"))
+    loaded = load_transform(tmp_path / "train.json", 3)
+    generators = {id(t.py_random) for t in loaded.transforms}
+    assert generators == {id(loaded.py_random)}, "every transform draws from the pipeline's one stream"

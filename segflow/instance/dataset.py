@@ -11,6 +11,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
+from segflow import recipes
 from segflow.errors import SegflowError
 from segflow.io import read_image, read_instances
 
@@ -123,7 +124,7 @@ class InstanceDataset(Dataset):
         image, instances = self.load(index)
         shifted = np.where(instances > 0, instances.astype(np.int32) + _SHIFT, 0).astype(np.uint16)
         if seed is not None:
-            self.transform.set_random_seed(seed)
+            recipes.reseed(self.transform, seed)
         out = self.transform(image=image, mask=shifted)
         moved = out["mask"].astype(np.int32)
         ids = np.where(moved >= _SHIFT, moved - _SHIFT, 0)

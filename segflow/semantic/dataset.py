@@ -14,6 +14,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from segflow import recipes
 from segflow.errors import SegflowError
 from segflow.io import read_image, read_mask
 from segflow.params import IGNORE_INDEX
@@ -80,7 +81,7 @@ class SegmentationDataset(Dataset):
         index, seed = key if isinstance(key, tuple) else (key, None)
         image, mask = self.load(index)
         if seed is not None:
-            self.transform.set_random_seed(seed)
+            recipes.reseed(self.transform, seed)
         out = self.transform(image=image, mask=mask)
         mask_out = out["mask"]
         if self._pads_bottom_right and mask_out.shape != mask.shape:

@@ -121,7 +121,7 @@ class Predictor:
 
             from segflow import recipes
 
-            self._pixel = A.Compose(recipes.build(card.pixel_transforms, None), seed=0)
+            self._pixel = recipes.reseed(A.Compose(recipes.build(card.pixel_transforms, None)), 0)
 
     def prepare(self, image: np.ndarray) -> np.ndarray:
         """Model input for one image: (C, H', W') float32, padded bottom/right to the model's stride."""
