@@ -363,6 +363,22 @@ def test_stage_trains_in_channels_last_with_sgd_clipping_accumulation_and_saves_
         assert model(torch.randn(1, 3, 32, 32)).shape == (1, 4, 32, 32)
 
 
+def test_a_bf16_stage_on_the_cpu_turns_channels_last_on_and_saves_an_fp32_model(
+    tiny_params, tiny_paths, prepared, caplog
+):
+    """What the ISBI and CamVid recipes run: bf16 mixed precision on the CPU, channels_last left on auto."""
+    update = {"precision": "bf16-mixed", "channels_last": "auto", "accelerator": "cpu"}
+    params = tiny_params.model_copy(update={"train": tiny_params.train.model_copy(update=update)})
+    with caplog.at_level("INFO", logger="segflow"):
+        summary = train.run(params, tiny_paths)
+    assert "bf16-mixed, channels_last" in caplog.text
+    assert summary["precision"] == "bf16-mixed"
+    model, _ = store.load(tiny_paths.train / MODEL_DIR)
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # inference stays fp32
+    card = json.loads((tiny_paths.train / MODEL_DIR / "model.json").read_text())
+    assert card["training"]["precision"] == "bf16-mixed"
+
+
 # --- class weights ------------------------------------------------------------------------------
 
 # Labelled pixels of three training images (and one val image, left out), classes bg / a / b:
