@@ -360,10 +360,6 @@ def write_catalogue(path: Path = CATALOGUE) -> None:
     path.write_text(json.dumps(build_catalogue(), indent=1, sort_keys=True) + "\n", encoding="utf-8")
 
 
-if __name__ == "__main__":
-    write_catalogue()
-
-
 def reseed(pipeline: Any, seed: int | None) -> Any:
     """Seed an albumentations pipeline so that its transforms take turns drawing from one random stream.
 
@@ -377,3 +373,7 @@ def reseed(pipeline: Any, seed: int | None) -> Any:
     pipeline.seed = seed
     pipeline.set_random_state(np.random.default_rng(seed), random.Random(seed))
     return pipeline
+
+
+if __name__ == "__main__":
+    write_catalogue()
