@@ -175,7 +175,7 @@ def _profile(work: Path, name: str) -> list[str]:
     device = "cuda" if name == "gpu" else "cpu"
     profile = PROFILES[name]
     default = stage(work / f"{name}-default", profile)
-    rows = [("train stage, defaults", default, "fp32" if name == "cpu" else "bf16")]
+    rows = [("train stage, defaults", default, "fp32" if name == "cpu" else "mixed")]
     windows = max(3, default["epochs"] - 1)
     steps = default["steps_per_epoch"]
     if name == "cpu":
@@ -189,12 +189,12 @@ def _profile(work: Path, name: str) -> list[str]:
             loops.append((True, "bf16-mixed"))
     else:
         nchw = stage(work / "gpu-nchw", profile, channels_last=False)
-        rows.append(("train stage, channels_last: false", nchw, "bf16"))
+        rows.append(("train stage, channels_last: false", nchw, "mixed"))
         loops = [(False, None), (True, None)]
     references = {}
     for fmt, precision in loops:
         bare = bare_loop(default["project"], device, fmt, steps, windows, precision)
-        kind = "bf16" if (precision or "bf16").startswith("bf16") else "fp32"
+        kind = "mixed" if precision is None else "fp32" if precision == "32-true" else "bf16"  # GPU: auto
         references[kind] = bare["images_per_s"]  # the last (channels_last on the GPU) is the ceiling
         rows.append((f"bare loop, {'channels_last' if fmt else 'NCHW'}, {kind}, tensors on the device", bare, kind))
     cfg = profile["train"]
